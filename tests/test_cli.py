@@ -1,0 +1,71 @@
+"""The `zoo` command end to end, in subprocesses, as a user runs it."""
+import subprocess
+import sys
+
+import pytest
+
+MICRO = ["preset=micro", "train.device=cpu"]
+
+
+def zoo(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "zoo", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_list_shows_every_method_on_one_line():
+    out = zoo("list")
+    assert out.returncode == 0
+    assert any(line.startswith("sit ") for line in out.stdout.splitlines())
+
+
+def test_unknown_method_lists_the_known_ones():
+    out = zoo("train", "--method", "nope")
+    assert out.returncode == 2
+    assert "unknown method 'nope'" in out.stderr and "sit" in out.stderr
+
+
+def test_unknown_config_key_lists_valid_keys():
+    out = zoo("config", "--method", "sit", "optim.learning_rate=1")
+    assert out.returncode == 2
+    assert "optim.learning_rate" in out.stderr and "valid keys under optim: " in out.stderr
+
+
+def test_missing_checkpoint_names_the_path(tmp_path):
+    out = zoo("sample", "--ckpt", str(tmp_path / "missing.pt"))
+    assert out.returncode == 2 and "missing.pt does not exist" in out.stderr
+    out = zoo("train", "--resume", str(tmp_path / "norun"))
+    assert out.returncode == 2 and "norun" in out.stderr
+
+
+def test_config_prints_resolved_yaml_with_overrides():
+    out = zoo("config", "--method", "sit", "--preset", "XL", "train.steps=5")
+    assert out.returncode == 0
+    assert "size: XL" in out.stdout and "steps: 5" in out.stdout
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    out = zoo("train", "--method", "sit", "--dry-run", *MICRO, cwd=tmp_path)
+    assert out.returncode == 0 and "parameters:" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_resume_and_sample(tmp_path):
+    run = tmp_path / "runs" / "r"
+    out = zoo("train", "--method", "sit", *MICRO, "train.steps=3", "train.run_name=r", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for name in ("config.yaml", "metrics.jsonl", "losses.png", "checkpoints/step_0000003.pt",
+                 "samples/step_0000003.png"):
+        assert (run / name).exists(), name
+    out = zoo("train", "--resume", str(run), "train.steps=5", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (run / "checkpoints" / "step_0000005.pt").exists()
+    grid = tmp_path / "grid.png"
+    out = zoo("sample", "--ckpt", str(run), "--num", "10", "--sampler", "sde", "--steps", "3", "--cfg", "1.5",
+              "--cfg-interval", "0", "0.7", "--out", str(grid))
+    assert out.returncode == 0, out.stderr
+    assert grid.exists() and grid.stat().st_size > 0
+
+
+def test_bench_reports_speed_and_memory():
+    out = zoo("bench", "--method", "sit", *MICRO, "--steps", "2", "--warmup", "1")
+    assert out.returncode == 0, out.stderr
+    assert '"steps_per_sec"' in out.stdout and '"peak_rss_mb"' in out.stdout

@@ -1,0 +1,86 @@
+"""Checkpoints: written atomically, carrying everything needed to rebuild and resume a run.
+
+A checkpoint holds the resolved config, the model, its EMA, every optimizer, the step and the
+RNG state of every process. It is written to a temporary file in the same folder and renamed
+over the final name, so a crash mid-write never leaves a truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from zoo.errors import CheckpointError
+
+FORMAT = "repa-zoo/1"
+CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    found = sorted((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := CKPT_PATTERN.match(p.name)))
+    return found[-1][1] if found else None
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint file, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"run folder {path} has no checkpoints (expected {path}/checkpoints/step_*.pt)")
+        return latest
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    path = resolve_checkpoint(path)
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch.save archive)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a repa-zoo checkpoint "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a repa-zoo checkpoint (expected format {FORMAT!r})")
+    missing = [k for k in ("config", "model", "ema", "step") if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    state["path"] = str(path)
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict, path: str) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit the model its config builds: "
+                              f"{str(exc).splitlines()[0]}") from None

@@ -1,0 +1,223 @@
+"""Typed configuration: a schema of dataclasses, filled from YAML presets and `key=value` overrides.
+
+Resolution order (later wins):
+  1. the schema's defaults below, plus the method's own dataclass under the key `<method name>`;
+  2. `configs/presets/<preset>.yaml` (model size, data and the training recipe);
+  3. `configs/<method>.yaml`, then its `presets.<preset>` section if it has one;
+  4. command-line overrides `key=value` (dotted keys, YAML values).
+Every step is checked against the schema, so an unknown key or a wrong type is a one-line error
+that lists the valid keys. The resolved config is written to the run folder and into every
+checkpoint, so a checkpoint alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from zoo.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = CONFIG_DIR / "presets"
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"          # micro | tiny | S | B | L | XL | custom
+    patch: int = 4
+    hidden: int = 0             # 0: take width, depth and heads from `size`
+    depth: int = 0
+    heads: int = 0
+    mlp_ratio: float = 4.0
+    class_dropout: float = 0.1  # label dropout that trains the unconditional model for CFG
+    norm: str = "layernorm"     # layernorm | rmsnorm
+    mlp: str = "gelu"           # gelu | swiglu
+    qk_norm: bool = False
+    rope: bool = False
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "shapes"     # shapes (built in, generated from `seed`) | folder (one subfolder per class)
+    root: str = ""              # the image folder, for dataset=folder
+    image_size: int = 32
+    num_classes: int = 10       # shapes: number of classes used (<= 10); folder: checked against the folder
+    num_images: int = 20000     # shapes: size of the generated training set
+    seed: int = 0               # shapes: the generator's seed (the reference split uses another)
+    hflip: bool = True          # random horizontal flips
+    num_workers: int = 0
+
+
+@dataclass
+class FlowConfig:
+    path: str = "linear"        # linear | cosine
+    time: str = "uniform"       # uniform | logit_normal (REPA's "lognormal" is logit_normal(0, 1))
+    time_mean: float = 0.0
+    time_std: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0      # max global grad norm; 0 disables clipping
+    warmup_steps: int = 0       # linear learning-rate warm-up
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 64        # global batch, split across processes
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False    # decay min(ema_decay, (1 + step) / (10 + step)) for short runs
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 0         # 0: only at the end
+    sample_every: int = 0       # 0: only at the end
+    out_dir: str = "runs"
+    run_name: str = ""          # default: <method>-<preset>-<date>-<time>
+    precision: str = "auto"     # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    threads: int = 0            # CPU threads for torch; 0 keeps torch's default
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ode"        # ode | sde
+    solver: str = "euler"       # euler | heun | dopri5 (ode only)
+    steps: int = 32
+    cfg_scale: float = 1.0
+    cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    num: int = 64               # images in the grids written during training
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class RunConfig:
+    method: str = "sit"
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def schema_for(method_cls) -> Any:
+    """The RunConfig schema extended by the method's own dataclass under the key `method_cls.name`."""
+    own = getattr(method_cls, "config_class", None)
+    if own is None:
+        return RunConfig
+    return dataclasses.make_dataclass(f"{method_cls.__name__}RunConfig",
+                                      [(method_cls.name, own, field(default_factory=own))], bases=(RunConfig,))
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _check_keys(node: Any, schema: DictConfig, where: str, source: str) -> None:
+    """Raise a ConfigError naming the first key of `node` that the schema does not have."""
+    if not isinstance(node, (dict, DictConfig)):
+        return
+    for key, value in node.items():
+        if key not in schema:
+            valid = sorted(str(k) for k in schema.keys())
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {where}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key '{where}{key}' in {source}{hint}; "
+                              f"valid keys{' under ' + where.rstrip('.') if where else ''}: {', '.join(valid)}")
+        child = schema[key]
+        if isinstance(child, DictConfig):
+            if not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"config key {where}{key} in {source} is a section; "
+                                  f"set its keys instead: {', '.join(str(k) for k in child.keys())}")
+            _check_keys(value, child, f"{where}{key}.", source)
+
+
+def _merge(cfg: DictConfig, update: Any, source: str) -> DictConfig:
+    _check_keys(update, cfg, "", source)
+    try:
+        return OmegaConf.merge(cfg, update)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", "") or "?"
+        raise ConfigError(f"bad value for config key {key} in {source}: {exc.msg if hasattr(exc, 'msg') else exc}"
+                          .splitlines()[0]) from None
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # a YAML syntax error
+        raise ConfigError(f"cannot read config file {path}: {exc}".splitlines()[0]) from None
+    return data or {}
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {overrides}: {exc}".splitlines()[0]) from None
+
+
+def method_config_file(method_cls) -> Path:
+    return Path(getattr(method_cls, "config_file", None) or CONFIG_DIR / f"{method_cls.name}.yaml")
+
+
+def load_config(method: str, overrides: Optional[list[str]] = None, preset: Optional[str] = None) -> DictConfig:
+    """Resolve the full config of `method` (see the module docstring for the order)."""
+    from zoo.registry import get_method_class
+
+    method_cls = get_method_class(method)
+    cli = parse_overrides(overrides or [])
+    preset = cli.pop("preset", None) or preset or "tiny"
+    cfg = OmegaConf.structured(schema_for(method_cls))
+    preset_file = PRESET_DIR / f"{preset}.yaml"
+    if not preset_file.exists():
+        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(available_presets())}")
+    cfg = _merge(cfg, _load_yaml(preset_file), str(preset_file))
+    own_file = method_config_file(method_cls)
+    if own_file.exists():
+        own = _load_yaml(own_file)
+        per_preset = own.pop("presets", {}) or {}
+        cfg = _merge(cfg, own, str(own_file))
+        if preset in per_preset:
+            cfg = _merge(cfg, per_preset[preset], f"{own_file} (presets.{preset})")
+    cfg = _merge(cfg, cli, "the command line")
+    cfg.method, cfg.preset = method, preset
+    return cfg
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a resolved config (e.g. from a checkpoint), validating it against today's schema."""
+    from zoo.registry import get_method_class
+
+    if "method" not in data:
+        raise ConfigError("this config has no 'method' key")
+    cfg = OmegaConf.structured(schema_for(get_method_class(data["method"])))
+    return _merge(cfg, data, "the saved config")
+
+
+def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    return _merge(cfg, parse_overrides(overrides), "the command line")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,126 @@
+"""Datasets and the deterministic, resumable batch stream the trainer reads.
+
+Every batch is a dict: `image` (float [-1, 1], [B, 3, H, W]), `label`, `index` (position in the
+dataset) and `flip` (whether it was mirrored). Batch contents depend only on (seed, step, rank),
+so resuming at step s reads exactly the batches an uninterrupted run would have read, and a
+feature cache can be keyed by (index, flip).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from zoo.data.folder import ImageFolder, list_classes
+from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes
+from zoo.errors import ConfigError, DataError
+from zoo.method import DataInfo
+
+DATASETS = ("shapes", "folder")
+REFERENCE_SEED_OFFSET = 1_000_003  # the held-out/reference split of the shapes data uses seed + this
+
+
+def data_info(data_cfg) -> DataInfo:
+    """Channels, size and classes without reading any image."""
+    if data_cfg.dataset == "shapes":
+        if not 1 <= data_cfg.num_classes <= len(SHAPE_CLASSES):
+            raise ConfigError(f"data.num_classes must be 1..{len(SHAPE_CLASSES)} for the shapes data")
+        return DataInfo(3, data_cfg.image_size, data_cfg.num_classes)
+    if data_cfg.dataset == "folder":
+        classes = list_classes(data_cfg.root)
+        return DataInfo(3, data_cfg.image_size, len(classes))
+    raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes(num_images: int, seed: int, num_classes: int, size: int):
+    return generate_shapes(num_images, seed, num_classes, size)
+
+
+class InMemoryImages:
+    """A uint8 image tensor with labels; batches are gathered by index without a DataLoader."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, index: torch.Tensor, flip: torch.Tensor) -> dict:
+        images = self.images[index].float() / 127.5 - 1
+        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        return {"image": images, "label": self.labels[index], "index": index, "flip": flip}
+
+
+def shapes_split(data_cfg, reference: bool = False, num_images: int | None = None) -> InMemoryImages:
+    seed = data_cfg.seed + (REFERENCE_SEED_OFFSET if reference else 0)
+    images, labels = _shapes(num_images or data_cfg.num_images, seed, data_cfg.num_classes, data_cfg.image_size)
+    return InMemoryImages(images, labels)
+
+
+def build_dataset(data_cfg):
+    if data_cfg.dataset == "shapes":
+        return shapes_split(data_cfg)
+    if data_cfg.dataset == "folder":
+        dataset = ImageFolder(data_cfg.root, data_cfg.image_size)
+        if len(dataset.classes) != data_cfg.num_classes:
+            raise ConfigError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.root} has "
+                              f"{len(dataset.classes)} class folders; set data.num_classes={len(dataset.classes)}")
+        return dataset
+    raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
+
+
+class StepBatches:
+    """Which (index, flip) pairs each step reads: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, hflip: bool, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by {world_size} processes")
+        if size < batch_size:
+            raise DataError(f"the dataset has {size} images, fewer than one batch of {batch_size}")
+        self.size, self.batch_size, self.seed, self.hflip = size, batch_size, seed, hflip
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = size // batch_size
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_033 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
+        return self._perm
+
+    def __call__(self, step: int):
+        epoch, j = divmod(step, self.steps_per_epoch)
+        index = self._permutation(epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+        g = torch.Generator().manual_seed(self.seed * 7_919 + step + 1)
+        flip = (torch.rand(self.batch_size, generator=g) < 0.5) & self.hflip
+        return index[self.rank::self.world_size], flip[self.rank::self.world_size]
+
+
+class BatchLoader:
+    """Iterates batches from a given step on, for in-memory data or an image folder (with workers)."""
+
+    def __init__(self, dataset, data_cfg, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.plan = StepBatches(len(dataset), batch_size, seed, data_cfg.hflip, rank, world_size)
+        self.num_workers = data_cfg.num_workers
+
+    def iterate(self, start_step: int):
+        if isinstance(self.dataset, InMemoryImages):
+            step = start_step
+            while True:
+                yield self.dataset.batch(*self.plan(step))
+                step += 1
+        plan = self.plan
+
+        class Plan(torch.utils.data.Sampler):
+            def __iter__(self):
+                step = start_step
+                while True:
+                    index, flip = plan(step)
+                    yield list(zip(index.tolist(), flip.tolist()))
+                    step += 1
+
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=Plan(), num_workers=self.num_workers,
+                                             persistent_workers=self.num_workers > 0)
+        yield from loader

@@ -1,0 +1,234 @@
+"""The `Method` base class: vanilla flow matching on SiT, written as small named hooks.
+
+A method subclasses `Method`, registers itself with `@register`, and overrides only the hooks it
+changes. The trainer (zoo/trainer.py) owns the training step -- optimizers, backward, clipping,
+EMA, logging, checkpoints -- and calls the hooks; no method rewrites it.
+
+Hooks, in the order the trainer and sampler call them (see docs/architecture.md):
+
+  building   build_backbone, build_extras, setup, state_shape
+  training   phases -> loss_terms -> encode, targets, sample_time, drop_labels,
+             hidden_layers, flow_loss, extra_losses
+  sampling   sampling_options, velocity_field, decode
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from zoo.backbones.sit import BackboneOutput, build_sit
+from zoo.guidance import Guidance, guided
+from zoo.paths import build_path
+from zoo.samplers import Field, Sampler
+from zoo.timesteps import build_time_sampler
+
+
+@dataclass
+class Term:
+    """One named loss: the trainer adds `weight * value` to its phase's total and logs `value`."""
+    value: Tensor
+    weight: float = 1.0
+
+
+@dataclass
+class TrainContext:
+    step: int                       # optimizer steps done before this one
+    ema: Optional["ZooModel"]       # the EMA copy of the model (a teacher for self-alignment)
+    rank: int = 0
+    world_size: int = 1
+
+
+LossFn = Callable[["ZooModel", dict, TrainContext], dict]
+
+
+@dataclass
+class Phase:
+    """One optimizer update inside a training step: its parameters and the losses it minimises."""
+    name: str
+    parameters: list
+    losses: LossFn
+    lr: Optional[float] = None      # None: optim.lr
+
+
+@dataclass
+class FlowState:
+    """Everything about one noisy training sample that `extra_losses` may need."""
+    x: Tensor                       # clean diffusion state (image or latent)
+    eps: Tensor
+    t: Tensor                       # [B], t = 1 is noise
+    x_t: Tensor
+    y: Tensor                       # labels after CFG dropout
+    output: BackboneOutput          # velocity and requested hidden states
+    targets: dict                   # from `targets(batch)`, computed without gradient
+    batch: dict                     # the raw batch (image, label, index, flip)
+
+
+@dataclass
+class SamplingOption:
+    """A method-specific `zoo sample` flag, e.g. DDT's --share or ReDi's --rg."""
+    flag: str
+    type: type = str
+    default: Any = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    channels: int
+    image_size: int
+    num_classes: int
+
+
+class ZooModel(nn.Module):
+    """Every trainable part of a method: the backbone plus named extras (projectors, heads, VAE, ...).
+
+    `forward(fn, ...)` runs `fn(self, ...)`: the trainer passes a phase's loss function through
+    the model so that DistributedDataParallel sees exactly one forward per backward, whatever
+    parts of the model the method's hooks touch.
+    """
+
+    def __init__(self, backbone: nn.Module, extras: Optional[dict] = None):
+        super().__init__()
+        self.backbone = backbone
+        self.extras = nn.ModuleDict(extras or {})
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the batch."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+class Method:
+    """Vanilla SiT: the flow-matching loss on the velocity, nothing else. Every hook is a default."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    config_class: ClassVar[Optional[type]] = None   # dataclass of the method's options, at cfg.<name>
+    config_file: ClassVar[Optional[str]] = None      # default: configs/<name>.yaml
+
+    def __init__(self, cfg, data_info: DataInfo):
+        self.cfg = cfg
+        self.data = data_info
+        self.path = build_path(cfg.flow.path)
+        self.time_sampler = build_time_sampler(cfg.flow)
+        self.device = torch.device("cpu")
+
+    @property
+    def options(self):
+        """This method's own config section, `cfg.<name>`."""
+        return self.cfg[self.name]
+
+    # ---------------------------------------------------------------- building
+    def build_backbone(self) -> nn.Module:
+        """The velocity network. Must accept (x_t, t, y, hidden_layers=..., stop_after=...)."""
+        return build_sit(self.cfg.model, input_size=self.state_shape()[-1], in_channels=self.state_shape()[0],
+                         num_classes=self.data.num_classes)
+
+    def build_extras(self, backbone: nn.Module) -> dict:
+        """Trainable modules beside the backbone (projectors, heads); EMA'd and saved with it."""
+        return {}
+
+    def build_model(self) -> ZooModel:
+        backbone = self.build_backbone()
+        return ZooModel(backbone, self.build_extras(backbone))
+
+    def setup(self, device: torch.device, training: bool = True) -> None:
+        """Load frozen helpers (teacher encoders, a VAE, feature caches) onto `device`.
+
+        Frozen modules live on the method, not in the model: they are never optimised, EMA'd or
+        saved in checkpoints. `training=False` when only sampling.
+        """
+        self.device = torch.device(device)
+
+    def state_shape(self) -> tuple:
+        """Shape (C, H, W) of one diffusion state; a VAE or extra feature channels change it."""
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+    # ---------------------------------------------------------------- training
+    def phases(self, model: ZooModel) -> list:
+        """The optimizer updates of one training step, run in order. Default: one AdamW on everything."""
+        return [Phase("model", [p for p in model.parameters() if p.requires_grad], self.loss_terms)]
+
+    def encode(self, model: ZooModel, batch: dict) -> Tensor:
+        """Map the raw batch to the clean diffusion state x (identity for pixel-space images)."""
+        return batch["image"]
+
+    def targets(self, batch: dict) -> dict:
+        """Targets from the clean batch by frozen models; called under no_grad."""
+        return {}
+
+    def sample_time(self, n: int, device) -> Tensor:
+        return self.time_sampler.sample(n, device=device)
+
+    def drop_labels(self, model: ZooModel, y: Tensor) -> Tensor:
+        """Replace labels by the null class with probability model.class_dropout (trains CFG)."""
+        p = self.cfg.model.class_dropout
+        if p <= 0:
+            return y
+        drop = torch.rand(y.shape[0], device=y.device) < p
+        return torch.where(drop, torch.full_like(y, model.backbone.null_label), y)
+
+    def hidden_layers(self) -> tuple:
+        """Block numbers (from 1) whose output tokens the backbone should return."""
+        return ()
+
+    def flow_loss(self, velocity: Tensor, target: Tensor) -> Tensor:
+        """L_v = E || v_theta - v* ||^2: mean over dimensions per sample, then over the batch."""
+        return mean_flat((velocity.float() - target.float()) ** 2).mean()
+
+    def extra_losses(self, model: ZooModel, state: FlowState, ctx: TrainContext) -> dict:
+        """Losses beside the flow loss, as {name: Term}. Aligning methods add theirs here."""
+        return {}
+
+    def loss_terms(self, model: ZooModel, batch: dict, ctx: TrainContext) -> dict:
+        """One noisy sample per image: the flow loss plus `extra_losses`."""
+        x = self.encode(model, batch)
+        with torch.no_grad():
+            targets = self.targets(batch)
+        t = self.sample_time(x.shape[0], x.device)
+        eps = torch.randn_like(x)
+        x_t = self.path.interpolate(x, eps, t)
+        y = self.drop_labels(model, batch["label"])
+        out = model.backbone(x_t, t, y, hidden_layers=self.hidden_layers())
+        terms = {"flow": Term(self.flow_loss(out.velocity, self.path.velocity_target(x, eps, t)))}
+        terms.update(self.extra_losses(model, FlowState(x, eps, t, x_t, y, out, targets, batch), ctx))
+        return terms
+
+    # ---------------------------------------------------------------- sampling
+    @classmethod
+    def sampling_options(cls) -> list:
+        """Extra `zoo sample` flags this method understands, passed to `velocity_field` by name."""
+        return []
+
+    def velocity_field(self, model: ZooModel, labels: Tensor, guidance: Guidance, **options) -> Field:
+        """The velocity the sampler integrates: the backbone's, with CFG inside the guidance interval."""
+        backbone = model.backbone
+
+        def model_fn(x, t, y):
+            return backbone(x, t, y).velocity
+
+        def field(x, t, step):
+            return guided(model_fn, x, t, labels, backbone.null_label, guidance)
+
+        return field
+
+    def decode(self, model: ZooModel, state: Tensor) -> Tensor:
+        """Map a sampled state back to images in [-1, 1] (a VAE decodes here)."""
+        return state
+
+    @torch.no_grad()
+    def generate(self, model: ZooModel, labels: Tensor, sampler: Sampler, guidance: Guidance = Guidance(),
+                 generator: Optional[torch.Generator] = None, **options) -> Tensor:
+        """Images in [-1, 1] for `labels`, starting from seeded noise. Not a hook: it calls them."""
+        device = labels.device
+        noise = torch.randn((labels.shape[0], *self.state_shape()), generator=generator,
+                            device=generator.device if generator is not None else device).to(device)
+        field = self.velocity_field(model, labels, guidance, **options)
+        state = sampler.sample(field, noise, self.path, generator)
+        return self.decode(model, state).clamp(-1, 1)
