@@ -1,4 +1,4 @@
-"""The `zoo` command: list, config, train, sample, bench.
+"""The `zoo` command: list, config, train, sample, bench, and the commands of zoo/commands/.
 
 Every subcommand that builds a config takes `key=value` overrides after its flags, e.g.
 `zoo train --method sit train.steps=100 model.size=micro`. Errors in the user's input print one
@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to report model FLOP utilisation")
     bench.add_argument("--out", help="also write the result as JSON here")
+    prepare = sub.add_parser("prepare", help="build once what later runs reuse (zoo prepare --help lists targets)")
+    targets = prepare.add_subparsers(dest="target", required=True, metavar="TARGET")
+    from zoo.commands import command_modules
+
+    for module in command_modules():
+        if hasattr(module, "register"):
+            module.register(sub)
+        if hasattr(module, "register_prepare"):
+            module.register_prepare(targets)
     return parser
 
 
@@ -173,7 +182,8 @@ def main(argv=None) -> int:
         if argv and argv[0] == "sample":
             return cmd_sample(argv[1:])
         args = build_parser().parse_args(argv)
-        return {"list": cmd_list, "config": cmd_config, "train": cmd_train, "bench": cmd_bench}[args.command](args)
+        core = {"list": cmd_list, "config": cmd_config, "train": cmd_train, "bench": cmd_bench}
+        return core[args.command](args) if args.command in core else args.func(args)
     except ZooError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,20 @@
+"""Where the zoo keeps what it builds once and reuses: built-in teacher, judge and VAE weights,
+feature caches, reference statistics. `REPA_ZOO_CACHE` overrides the default ~/.cache/repa-zoo."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    root = Path(os.environ.get("REPA_ZOO_CACHE") or Path.home() / ".cache" / "repa-zoo")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def fingerprint(obj) -> str:
+    """A short stable hash of a JSON-able description (of data, a model, a config), for cache keys."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
