@@ -55,7 +55,9 @@ class Trainer:
         self.method = build_method(cfg)
         self.method.setup(self.device, training=True)
         self.model = self.method.build_model().to(self.device)
-        if self.proc.distributed:
+        if self.proc.distributed and self.device.type == "cuda":
+            # batch statistics over all processes; PyTorch's SyncBatchNorm has no CPU kernel, so on
+            # CPU each process normalises with its own batch and DDP broadcasts rank 0's buffers
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
         self.phases = self.method.phases(self.model)
