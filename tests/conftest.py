@@ -27,7 +27,12 @@ def tiny_judge(tmp_path_factory):
 
     data = load_config("sit", ["preset=micro"]).data
     recipe = JudgeRecipe(stem=8, widths=(16, 32), steps=150, batch_size=64, num_images=640, holdout=200)
-    return train_judge(data, recipe, tmp_path_factory.mktemp("judge") / "judge.pt", progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: one thread is as fast, and far faster on a busy machine
+    try:
+        return train_judge(data, recipe, tmp_path_factory.mktemp("judge") / "judge.pt", progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture
