@@ -122,3 +122,16 @@ def test_steps_to_reach_interpolates_between_evaluation_points():
     assert steps_to_reach(curve, 0.2) == (250, True)
     assert steps_to_reach(curve, 0.6) == (100, False)
     assert steps_to_reach(curve, 0.05) == (None, True)
+
+
+def test_parallel_jobs_give_the_same_numbers_as_one_at_a_time(tmp_path, tiny_judge, zoo_cache):
+    one, two = comparison(tmp_path / "one", tiny_judge, ["sit"]), comparison(tmp_path / "two", tiny_judge, ["sit"])
+    for comp in (one, two):
+        comp.steps = 2
+    run_comparison(one)
+    run_comparison(two, jobs=2)
+    a, b = read_records(tmp_path / "one"), read_records(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 2
+    for k in a:  # the children may use another number of threads, so allow for rounding
+        assert b[k]["metrics"] == pytest.approx(a[k]["metrics"], rel=1e-3, abs=1e-6)
+    assert (tmp_path / "two" / "runs" / "sit-seed1" / "compare.log").exists()

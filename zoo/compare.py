@@ -109,7 +109,7 @@ def step_time_ms(run_dir: Path) -> float:
     return round(1000 / statistics.median(rates), 1) if rates else float("nan")
 
 
-def train_run(cfg, run_dir: Path, label: str) -> None:
+def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
     """Train to cfg.train.steps, resuming from the run's latest checkpoint; nothing to do if it is complete."""
     from zoo.checkpoint import latest_checkpoint, load_checkpoint
     from zoo.config import to_dict
@@ -130,7 +130,7 @@ def train_run(cfg, run_dir: Path, label: str) -> None:
         _log(f"{label}: resuming at step {resume['step']} of {cfg.train.steps}")
     else:
         _log(f"{label}: training {cfg.train.steps} steps")
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, progress=progress)
     trainer.fit()
 
 
@@ -152,8 +152,12 @@ def evaluate_run(comp: Comparison, evaluator: Evaluator, run_dir: Path, label: s
     return records
 
 
-def run_comparison(comp: Comparison) -> dict:
-    """Train and evaluate every (method, seed), then write the report. Returns {"results": [...], "files": {...}}."""
+def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
+    """Train and evaluate every (method, seed), then write the report. Returns {"results": [...], "files": {...}}.
+
+    jobs > 1 runs that many (method, seed) runs at once in separate processes (zoo/compare_jobs.py),
+    each with its own log; the runs and their numbers are the same as with jobs = 1.
+    """
     from zoo.compare_report import write_report
     from zoo.registry import get_method_class
 
@@ -174,6 +178,10 @@ def run_comparison(comp: Comparison) -> dict:
     base_cfg = configs[(comp.methods[0], comp.seeds[0])]
     evaluator = Evaluator(comp.settings, device=comp.device)
     evaluator.reference(base_cfg.data)  # trains the judge on first use and caches the reference features
+    if jobs > 1:
+        from zoo.compare_jobs import run_parallel
+
+        run_parallel(comp, list(configs), jobs)
     results, total = [], len(configs)
     for i, ((method, seed), cfg) in enumerate(configs.items(), 1):
         label = f"[{i}/{total}] {method} seed {seed}"

@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--sample-seed", type=int, default=0, help="the sampling seed, the same for every run")
     p.add_argument("--sample-batch", type=int, default=100, help="sampling batch (part of the noise seeding)")
     add_extractor_args(p)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once, one process each (e.g. 2 single-thread runs on 2 cores)")
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     p.set_defaults(func=run)
@@ -50,6 +52,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/compare-{'-'.join(methods)}-{args.steps}")
     comp = Comparison(methods=methods, steps=args.steps, eval_every=args.eval_every, out=out, seeds=args.seeds,
                       preset=args.preset, overrides=list(args.overrides), settings=settings, device=args.device)
-    files = run_comparison(comp)["files"]
+    files = run_comparison(comp, jobs=args.jobs)["files"]
     print((Path(files["table"])).read_text(), end="")
     return 0
