@@ -79,7 +79,7 @@ def test_two_method_comparison_writes_consistent_outputs_and_resumes(tmp_path, t
     monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("retrained a finished run"))
     monkeypatch.setattr(evaluate, "sample_uint8", lambda *a, **k: pytest.fail("re-evaluated a finished point"))
     run_comparison(comparison(out, tiny_judge, ["sit", second_method]))
-    assert (out / "table.md").read_text().split("This invocation")[0] == table.split("This invocation")[0]
+    assert (out / "table.md").read_text().split("this invocation")[0] == table.split("this invocation")[0]
     monkeypatch.undo()
 
     # an interrupted run: its last checkpoint and evaluation are gone; it resumes and gets the same numbers

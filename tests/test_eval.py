@@ -130,6 +130,15 @@ def test_empty_or_missing_samples_are_clear_errors(tmp_path):
         load_samples(tmp_path / "empty.npz")
 
 
+def test_a_folder_of_pngs_loads_as_uint8_images(tmp_path, real):
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(real[i].permute(1, 2, 0).numpy()).save(tmp_path / f"{i:03d}.png")
+    images, labels = load_samples(tmp_path)
+    assert images.dtype == torch.uint8 and torch.equal(images, real[:3]) and labels is None
+
+
 def test_reference_features_are_computed_once(tiny_judge, data_cfg, zoo_cache, monkeypatch):
     evaluator = Evaluator(EvalSettings(weights=str(tiny_judge), reference_num=50), device="cpu", progress=False)
     first = evaluator.reference(data_cfg)

@@ -103,6 +103,9 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     s = comp.settings
     d = base_cfg.data
     judge = extractor_info.get("judge_reference_accuracy")
+    train_min = sum(r.ms_per_step for r in results) * comp.steps / 60_000
+    evals = [sum(rec["seconds"].values()) for r in results for rec in r.records]
+    eval_min, eval_each = sum(evals) / 60, mean(evals)
     lines = [
         f"# Side-by-side comparison: {', '.join(methods)} (baseline: {baseline})", "",
         f"- Data: {d.dataset}, {d.num_images} training images, {d.image_size}x{d.image_size}, {d.num_classes} classes; "
@@ -116,7 +119,10 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
                                             if judge is not None else "") +
         f"; reference: {s.reference_num} real images ({extractor_info['reference']['split']}).",
         f"- Cells: mean over seeds ± half the range between seeds; * marks a difference to {baseline} larger than "
-        f"the seed spread (the seed ranges do not overlap). This invocation took {wall_seconds / 60:.1f} min.", "",
+        f"the seed spread (the seed ranges do not overlap).",
+        f"- Compute: about {train_min:.0f} min of training (median ms/step x steps, summed over runs) and "
+        f"{eval_min:.0f} min of evaluation ({eval_each:.0f} s per evaluation point: sampling + features); "
+        f"this invocation took {wall_seconds / 60:.1f} min.", "",
         "## FID at each evaluation point", "",
         "| method | parameters | ms/step | " + " | ".join(f"FID @{st}" for st in steps)
         + f" | steps to {baseline}'s final FID |",

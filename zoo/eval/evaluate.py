@@ -90,16 +90,22 @@ class Evaluator:
         from zoo.distributed import pick_device
 
         self.settings, self.device, self.progress = settings, pick_device(device), progress
-        self._extractor, self._references = None, {}
+        self._extractors, self._references = {}, {}
 
     def extractor(self, data_cfg):
-        if self._extractor is None:
-            self._extractor = build_extractor(self.settings.extractor, self.settings.weights, data_cfg, self.device,
-                                              progress=self.progress)
-        return self._extractor
+        """Built once; the default judge is the one trained on this data, so it is kept per data."""
+        from zoo.eval.judge import data_identity
+
+        per_data = self.settings.extractor == "judge" and not self.settings.weights
+        key = fingerprint(data_identity(data_cfg)) if per_data else "any"
+        if key not in self._extractors:
+            self._extractors[key] = build_extractor(self.settings.extractor, self.settings.weights, data_cfg,
+                                                    self.device, progress=self.progress)
+        return self._extractors[key]
 
     def reference(self, data_cfg) -> dict:
-        key = fingerprint(reference_description(data_cfg, self.settings.reference_num))
+        key = fingerprint([reference_description(data_cfg, self.settings.reference_num),
+                           self.extractor(data_cfg).identity])
         if key not in self._references:
             self._references[key] = reference_features(data_cfg, self.settings.reference_num, self.extractor(data_cfg),
                                                        progress=self.progress)
