@@ -154,7 +154,9 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
         vals = [series(results, m, k).get(comp.steps) for k, _ in final]
         lines.append(f"| {m} | " + " | ".join(cell(v) if v else "–" for v in vals) + " |")
     lines += ["", "## Differences larger than the seed spread", ""]
-    if len(comp.seeds) < 2:
+    if len(methods) < 2:
+        lines.append(f"Only {baseline} was run: there is no other method to compare with yet.")
+    elif len(comp.seeds) < 2:
         lines.append("One seed only: the spread between seeds is not measured, so no difference is claimed.")
     else:
         notes = [f"- FID: {n}" for n in fid_notes] + [f"- class accuracy: {n}" for n in acc_notes]
