@@ -99,6 +99,14 @@ def parameter_counts(cfg) -> tuple:
     return count_parameters(model), count_parameters(model.backbone)
 
 
+def prepare_method(cfg, device) -> None:
+    """Run the method's setup once, so that what it builds and caches on first use (a teacher, a
+    feature cache) is built by one process rather than by every parallel run at the same time."""
+    from zoo.sampling import build_method
+
+    build_method(cfg).setup(device, training=True)
+
+
 def step_time_ms(run_dir: Path) -> float:
     """Median training step time over the logged windows (robust to checkpoint writes and resumes)."""
     import statistics
@@ -165,6 +173,8 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
         raise ConfigError("zoo compare needs at least one method (--methods sit,repa)")
     if len(set(comp.methods)) != len(comp.methods):
         raise ConfigError(f"--methods lists a method twice: {','.join(comp.methods)}")
+    if not comp.seeds or len(set(comp.seeds)) != len(comp.seeds):
+        raise ConfigError(f"--seeds needs distinct seeds, got {comp.seeds}")
     if comp.eval_every < 1 or comp.steps < comp.eval_every:
         raise ConfigError(f"need 1 <= --eval-every <= --steps, got {comp.eval_every} and {comp.steps}")
     for name in comp.methods:
@@ -181,6 +191,8 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     if jobs > 1:
         from zoo.compare_jobs import run_parallel
 
+        for method in comp.methods:  # build what every run of a method shares (e.g. a teacher) once, here
+            prepare_method(configs[(method, comp.seeds[0])], evaluator.device)
         run_parallel(comp, list(configs), jobs)
     results, total = [], len(configs)
     for i, ((method, seed), cfg) in enumerate(configs.items(), 1):

@@ -45,11 +45,23 @@ def _last_step(run_dir: Path) -> int:
 
 
 def run_parallel(comp, runs: list, jobs: int, poll_seconds: float = 2.0) -> None:
-    from tqdm import tqdm
-
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending, running, failed = list(runs), {}, []
+    try:
+        _loop(comp, pending, running, failed, jobs, threads, poll_seconds, ctx)
+    except BaseException:  # Ctrl-C or an error here: stop the children too (checkpoints are written atomically)
+        for proc, *_ in running.values():
+            proc.terminate()
+            proc.join()
+        raise
+    if failed:
+        raise ZooError("runs failed: " + "; ".join(failed))
+
+
+def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: int, poll_seconds: float, ctx) -> None:
+    from tqdm import tqdm
+
     points = len(comp.eval_points())
     slots = list(range(jobs))
     while pending or running:
@@ -72,5 +84,3 @@ def run_parallel(comp, runs: list, jobs: int, poll_seconds: float = 2.0) -> None
                 if proc.exitcode != 0:
                     failed.append(f"{key[0]} seed {key[1]} (exit {proc.exitcode}; see {run_dir / 'compare.log'})")
                 del running[key]
-    if failed:
-        raise ZooError("runs failed: " + "; ".join(failed))
