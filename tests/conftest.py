@@ -17,3 +17,26 @@ def micro_cfg():
         return load_config(method, ["preset=micro", "train.device=cpu", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_judge(tmp_path_factory):
+    """A small judge trained for a few dozen steps on the micro preset's data (never the full recipe)."""
+    from zoo.config import load_config
+    from zoo.eval.judge import JudgeRecipe, train_judge
+
+    data = load_config("sit", ["preset=micro"]).data
+    recipe = JudgeRecipe(stem=8, widths=(16, 32), steps=150, batch_size=64, num_images=640, holdout=200)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small convolutions: one thread is as fast, and far faster on a busy machine
+    try:
+        return train_judge(data, recipe, tmp_path_factory.mktemp("judge") / "judge.pt", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def zoo_cache(tmp_path, monkeypatch):
+    """Reference statistics and other cached artifacts go to a fresh folder, not ~/.cache."""
+    monkeypatch.setenv("REPA_ZOO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

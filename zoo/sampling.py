@@ -35,24 +35,30 @@ def class_grid_labels(num: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-@torch.no_grad()
-def generate(method: Method, model: ZooModel, labels: torch.Tensor, *, sampler: str = "ode", solver: str = "euler",
-             steps: int = 32, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0), seed: int = 0,
-             batch_size: int = 256, device=None, **options) -> torch.Tensor:
-    """Images in [-1, 1] for `labels`; the same seed, labels and batch size give the same images.
+def iter_generate(method: Method, model: ZooModel, labels: torch.Tensor, *, sampler: str = "ode",
+                  solver: str = "euler", steps: int = 32, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
+                  seed: int = 0, batch_size: int = 256, device=None, **options):
+    """Images in [-1, 1] for `labels`, yielded one chunk of `batch_size` at a time (on the CPU).
 
-    Each chunk of `batch_size` draws its noise from its own generator seeded by (seed, chunk), and
-    the caller's RNG state is left untouched, so sampling during training does not change training.
+    Each chunk draws its noise from its own generator seeded by (seed, chunk), and the caller's RNG
+    state is left untouched, so sampling during training does not change training. Yielding chunks
+    lets long runs (50k samples for an .npz, an evaluation) show progress and keep only uint8 copies.
     """
     device = device or next(model.parameters()).device
     integrator = build_sampler(sampler, steps, solver)
     guidance = Guidance(cfg_scale, *cfg_interval)
-    out = []
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        for i, chunk in enumerate(labels.split(batch_size)):
+    forked = [device] if torch.device(device).type == "cuda" else []
+    for i, chunk in enumerate(labels.split(batch_size)):
+        with torch.no_grad(), torch.random.fork_rng(devices=forked):
             gen = torch.Generator(device=device).manual_seed(seed * 100_003 + i)
-            out.append(method.generate(model, chunk.to(device), integrator, guidance, gen, **options).cpu())
-    return torch.cat(out)
+            images = method.generate(model, chunk.to(device), integrator, guidance, gen, **options)
+        yield images.cpu()
+
+
+def generate(method: Method, model: ZooModel, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """All images for `labels` at once (see iter_generate); the same seed, labels and batch size give
+    the same images."""
+    return torch.cat(list(iter_generate(method, model, labels, **kwargs)))
 
 
 def generate_from_config(method: Method, model: ZooModel, labels: torch.Tensor, sample_cfg, **overrides) -> torch.Tensor:

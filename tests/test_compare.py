@@ -1,0 +1,137 @@
+"""`zoo compare`: a tiny two-method comparison whose table, CSV and plot agree with the per-run records,
+that resumes without redoing finished work, and that refuses unequal budgets."""
+import csv
+import dataclasses
+import json
+
+import pytest
+from PIL import Image
+
+from zoo import registry
+from zoo.compare import Comparison, run_comparison
+from zoo.compare_report import cell, steps_to_reach
+from zoo.errors import ConfigError
+from zoo.eval.evaluate import PROTOCOL
+from zoo.method import Method
+
+
+class Doubled(Method):
+    """A throwaway second method: the flow loss counted twice (a different optimisation path)."""
+    name = "doubled_for_test"
+    description = "test only"
+
+    def flow_loss(self, velocity, target):
+        return 2 * super().flow_loss(velocity, target)
+
+
+@pytest.fixture
+def second_method():
+    registry.discover()
+    registry.register(Doubled)  # registered inside the test so the shared contract never sees it
+    yield Doubled.name
+    registry._METHODS.pop(Doubled.name, None)
+
+
+def comparison(out, judge, methods, **kw):
+    settings = dataclasses.replace(PROTOCOL, num_samples=20, steps=2, batch_size=10, weights=str(judge),
+                                   reference_num=40)
+    return Comparison(methods=methods, steps=4, eval_every=2, out=out, seeds=[0, 1], preset="micro",
+                      overrides=["train.device=cpu"], settings=settings, device="cpu", **kw)
+
+
+def read_records(out):
+    records = {}
+    for path in (out / "runs").glob("*/eval/step_*.json"):
+        rec = json.loads(path.read_text())
+        records[(rec["method"], rec["train_seed"], rec["step"])] = rec
+    return records
+
+
+def test_two_method_comparison_writes_consistent_outputs_and_resumes(tmp_path, tiny_judge, zoo_cache, second_method,
+                                                                    monkeypatch):
+    out = tmp_path / "cmp"
+    run_comparison(comparison(out, tiny_judge, ["sit", second_method]))
+    for name in ("table.md", "results.csv", "fid_vs_steps.png", "samples_sit.png", f"samples_{second_method}.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert Image.open(out / "fid_vs_steps.png").size[0] > 100
+
+    records = read_records(out)
+    assert len(records) == 2 * 2 * 2  # methods x seeds x evaluation points
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == len(records)
+    for row in rows:
+        m = records[(row["method"], int(row["seed"]), int(row["step"]))]["metrics"]
+        for key in ("fid", "kid_mean", "precision", "recall", "class_accuracy"):
+            assert float(row[key]) == m[key]
+
+    table = (out / "table.md").read_text()
+    for method in ("sit", second_method):
+        line = next(l for l in table.splitlines() if l.startswith(f"| {method} |") and "ms/step" not in l)
+        for step in (2, 4):
+            fids = [records[(method, seed, step)]["metrics"]["fid"] for seed in (0, 1)]
+            assert cell(fids) in line
+    assert "Differences larger than the seed spread" in table
+
+    # a second invocation finds everything done: no training, no sampling
+    from zoo.trainer import Trainer
+    from zoo.eval import evaluate
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("retrained a finished run"))
+    monkeypatch.setattr(evaluate, "sample_uint8", lambda *a, **k: pytest.fail("re-evaluated a finished point"))
+    run_comparison(comparison(out, tiny_judge, ["sit", second_method]))
+    assert (out / "table.md").read_text().split("this invocation")[0] == table.split("this invocation")[0]
+    monkeypatch.undo()
+
+    # an interrupted run: its last checkpoint and evaluation are gone; it resumes and gets the same numbers
+    run = out / "runs" / "sit-seed1"
+    (run / "checkpoints" / "step_0000004.pt").unlink()
+    for path in (run / "eval").glob("step_0000004-*"):
+        path.unlink()
+    run_comparison(comparison(out, tiny_judge, ["sit", second_method]))
+    again = read_records(out)
+    assert again[("sit", 1, 4)]["metrics"] == records[("sit", 1, 4)]["metrics"]
+    assert again[("sit", 1, 2)]["time"] == records[("sit", 1, 2)]["time"]  # not recomputed
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, tiny_judge, zoo_cache):
+    out = tmp_path / "cmp"
+    comp = comparison(out, tiny_judge, ["sit"])
+    comp.seeds, comp.steps = [0], 2
+    run_comparison(comp)
+    other = comparison(out, tiny_judge, ["sit"])
+    other.seeds, other.steps, other.settings = [0], 2, dataclasses.replace(other.settings, num_samples=30)
+    with pytest.raises(ConfigError, match="other settings.*settings"):
+        run_comparison(other)
+
+
+def test_unequal_batch_between_methods_is_refused(tmp_path, tiny_judge, second_method, monkeypatch):
+    yaml = tmp_path / "doubled.yaml"
+    yaml.write_text("train:\n  batch_size: 16\n")
+    monkeypatch.setattr(Doubled, "config_file", str(yaml))
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        run_comparison(comparison(tmp_path / "cmp", tiny_judge, ["sit", second_method]))
+
+
+def test_unknown_method_lists_the_known_ones(tmp_path, tiny_judge):
+    with pytest.raises(ConfigError, match="unknown method 'nope'.*sit"):
+        run_comparison(comparison(tmp_path / "cmp", tiny_judge, ["sit", "nope"]))
+
+
+def test_steps_to_reach_interpolates_between_evaluation_points():
+    curve = {100: [0.5, 0.5], 200: [0.3, 0.3], 300: [0.1, 0.1]}
+    assert steps_to_reach(curve, 0.2) == (250, True)
+    assert steps_to_reach(curve, 0.6) == (100, False)
+    assert steps_to_reach(curve, 0.05) == (None, True)
+
+
+def test_parallel_jobs_give_the_same_numbers_as_one_at_a_time(tmp_path, tiny_judge, zoo_cache):
+    one, two = comparison(tmp_path / "one", tiny_judge, ["sit"]), comparison(tmp_path / "two", tiny_judge, ["sit"])
+    for comp in (one, two):
+        comp.steps = 2
+    run_comparison(one)
+    run_comparison(two, jobs=2)
+    a, b = read_records(tmp_path / "one"), read_records(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 2
+    for k in a:  # the children may use another number of threads, so allow for rounding
+        assert b[k]["metrics"] == pytest.approx(a[k]["metrics"], rel=1e-3, abs=1e-6)
+    assert (tmp_path / "two" / "runs" / "sit-seed1" / "compare.log").exists()

@@ -1,0 +1,205 @@
+"""The outputs of `zoo compare`: table.md, results.csv, fid_vs_steps.png and one sample grid per method.
+
+Numbers come only from the per-run evaluation records (RUN/eval/*.json): results.csv lists every
+(method, seed, step) record as it is, and table.md shows per method and step the mean over seeds
+with +- half the range between the seeds (so the interval covers every seed). A difference to the
+baseline counts as larger than the seed spread when the two methods' seed ranges do not overlap.
+"""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+CSV_FIELDS = ["method", "seed", "step", "fid", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
+              "parameters", "backbone_parameters", "ms_per_step", "sampling_seconds", "feature_seconds"]
+
+
+def fmt(x: float) -> str:
+    return "–" if x is None else (f"{x:.4f}" if abs(x) < 10 else f"{x:.2f}")
+
+
+def series(results, method: str, metric: str) -> dict:
+    """{step: [value per seed]} of one method's metric."""
+    out = {}
+    for r in results:
+        if r.method == method:
+            for rec in r.records:
+                if metric in rec["metrics"]:
+                    out.setdefault(rec["step"], []).append(rec["metrics"][metric])
+    return dict(sorted(out.items()))
+
+
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def cell(values) -> str:
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(mean(values))} ± {fmt((max(values) - min(values)) / 2)}"
+
+
+def steps_to_reach(curve: dict, target: float):
+    """The first step where the mean curve reaches `target` (lower is better), linearly interpolated
+    between evaluation points; (steps, exact) with exact False when already reached at the first point."""
+    points = [(s, mean(v)) for s, v in curve.items()]
+    for i, (step, value) in enumerate(points):
+        if value <= target:
+            if i == 0:
+                return step, False
+            s0, v0 = points[i - 1]
+            return s0 + (target - v0) * (step - s0) / (value - v0), True
+    return None, True
+
+
+def separated(a, b) -> int:
+    """-1 if every value of a lies below every value of b, +1 if above, 0 if the ranges overlap."""
+    if len(a) < 2 or len(b) < 2:
+        return 0
+    return -1 if max(a) < min(b) else (1 if min(a) > max(b) else 0)
+
+
+def write_csv(results, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for r in results:
+            for rec in r.records:
+                m = rec["metrics"]
+                writer.writerow({"method": r.method, "seed": r.seed, "step": rec["step"],
+                                 **{k: m.get(k, "") for k in CSV_FIELDS[3:9]}, "parameters": r.parameters,
+                                 "backbone_parameters": r.backbone_parameters, "ms_per_step": r.ms_per_step,
+                                 "sampling_seconds": rec["seconds"]["sampling"],
+                                 "feature_seconds": rec["seconds"]["features"]})
+    return path
+
+
+def _metric_table(results, methods, steps, metric: str, baseline: str, lower_is_better: bool) -> tuple:
+    """Rows of one metric at every step, cells marked * where the seed range does not overlap the baseline's."""
+    rows, notes = [], []
+    base = series(results, baseline, metric)
+    for method in methods:
+        curve = series(results, method, metric)
+        cells = []
+        for step in steps:
+            values = curve.get(step)
+            if not values:
+                cells.append("–")
+                continue
+            side = separated(values, base.get(step, [])) if method != baseline else 0
+            cells.append(cell(values) + (" *" if side else ""))
+            if side:
+                better = (side < 0) == lower_is_better
+                notes.append(f"{method} at step {step}: {'better' if better else 'worse'} than {baseline}")
+        rows.append(cells)
+    return rows, notes
+
+
+def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_seconds: float) -> Path:
+    methods, steps, baseline = comp.methods, comp.eval_points(), comp.methods[0]
+    info = {r.method: r for r in results}
+    ms = {m: mean([r.ms_per_step for r in results if r.method == m]) for m in methods}
+    s = comp.settings
+    d = base_cfg.data
+    judge = extractor_info.get("judge_reference_accuracy")
+    train_min = sum(r.ms_per_step for r in results) * comp.steps / 60_000
+    evals = [sum(rec["seconds"].values()) for r in results for rec in r.records]
+    eval_min, eval_each = sum(evals) / 60, mean(evals)
+    lines = [
+        f"# Side-by-side comparison: {', '.join(methods)} (baseline: {baseline})", "",
+        f"- Data: {d.dataset}, {d.num_images} training images, {d.image_size}x{d.image_size}, {d.num_classes} classes; "
+        f"model preset {base_cfg.preset} (model.size={base_cfg.model.size}, patch {base_cfg.model.patch}); "
+        f"batch {base_cfg.train.batch_size}; {comp.steps} steps; evaluated every {comp.eval_every} steps.",
+        f"- Training seeds: {', '.join(map(str, comp.seeds))}. Overrides for every run: "
+        f"{' '.join(comp.overrides) or '(none)'}.",
+        f"- Evaluation: {s.num_samples} class-balanced samples, {s.sampler}/{s.solver} {s.steps} steps, CFG "
+        f"{s.cfg_scale}, sampling seed {s.seed}, {'EMA' if s.use_ema else 'raw'} weights; features: "
+        f"{extractor_info['extractor']}" + (f" (held-out accuracy {judge:.3f}; FID on L2-normalised features)"
+                                            if judge is not None else "") +
+        f"; reference: {s.reference_num} real images ({extractor_info['reference']['split']}).",
+        f"- Cells: mean over seeds ± half the range between seeds; * marks a difference to {baseline} larger than "
+        f"the seed spread (the seed ranges do not overlap).",
+        f"- Compute: about {train_min:.0f} min of training (median ms/step x steps, summed over runs) and "
+        f"{eval_min:.0f} min of evaluation ({eval_each:.0f} s per evaluation point: sampling + features); "
+        f"this invocation took {wall_seconds / 60:.1f} min.", "",
+        "## FID at each evaluation point", "",
+        "| method | parameters | ms/step | " + " | ".join(f"FID @{st}" for st in steps)
+        + f" | steps to {baseline}'s final FID |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in steps) + " | --- |",
+    ]
+    fid_rows, fid_notes = _metric_table(results, methods, steps, "fid", baseline, lower_is_better=True)
+    base_final = mean(series(results, baseline, "fid")[comp.steps])
+    for method, cells in zip(methods, fid_rows):
+        r = info[method]
+        extras = r.parameters - r.backbone_parameters
+        params = f"{r.parameters / 1e6:.2f}M" + (f" ({extras / 1e6:.2f}M extras)" if extras else "")
+        reached, exact = steps_to_reach(series(results, method, "fid"), base_final)
+        if reached is None:
+            reach = f"not reached in {comp.steps}"
+        else:
+            reach = f"{'' if exact else '≤ '}{reached:.0f} ({comp.steps / reached:.2f}x)"
+        lines.append(f"| {method} | {params} | {ms[method]:.0f} | " + " | ".join(cells) + f" | {reach} |")
+    acc_rows, acc_notes = _metric_table(results, methods, steps, "class_accuracy", baseline, lower_is_better=False)
+    if any(c != "–" for row in acc_rows for c in row):
+        lines += ["", "## Class accuracy of the samples (judge) at each evaluation point", "",
+                  "| method | " + " | ".join(f"acc @{st}" for st in steps) + " |",
+                  "| --- | " + " | ".join("---" for _ in steps) + " |"]
+        lines += [f"| {m} | " + " | ".join(cells) + " |" for m, cells in zip(methods, acc_rows)]
+    final = [("fid", "FID"), ("kid_mean", "KID"), ("precision", "precision"), ("recall", "recall"),
+             ("class_accuracy", "class acc")]
+    lines += ["", f"## All metrics at step {comp.steps}", "",
+              "| method | " + " | ".join(name for _, name in final) + " |", "| --- |" + " --- |" * len(final)]
+    for m in methods:
+        vals = [series(results, m, k).get(comp.steps) for k, _ in final]
+        lines.append(f"| {m} | " + " | ".join(cell(v) if v else "–" for v in vals) + " |")
+    lines += ["", "## Differences larger than the seed spread", ""]
+    if len(methods) < 2:
+        lines.append(f"Only {baseline} was run: there is no other method to compare with yet.")
+    elif len(comp.seeds) < 2:
+        lines.append("One seed only: the spread between seeds is not measured, so no difference is claimed.")
+    else:
+        notes = [f"- FID: {n}" for n in fid_notes] + [f"- class accuracy: {n}" for n in acc_notes]
+        lines += notes or ["None: every method's seed range overlaps the baseline's at every point."]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_curves(comp, results, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [("fid", "FID (lower is better)")]
+    if any("class_accuracy" in rec["metrics"] for r in results for rec in r.records):
+        metrics.append(("class_accuracy", "class accuracy of samples"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics):
+        for method in comp.methods:
+            curve = series(results, method, key)
+            steps = list(curve)
+            ax.plot(steps, [mean(v) for v in curve.values()], marker="o", label=method)
+            if any(len(v) > 1 for v in curve.values()):
+                ax.fill_between(steps, [min(v) for v in curve.values()], [max(v) for v in curve.values()], alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    seeds = f"mean over seeds {', '.join(map(str, comp.seeds))}, band: min-max" if len(comp.seeds) > 1 else "one seed"
+    fig.suptitle(f"{comp.settings.num_samples} samples, {comp.settings.sampler} {comp.settings.steps} steps; {seeds}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(comp, results, base_cfg, extractor_info: dict, wall_seconds: float) -> dict:
+    out = Path(comp.out)
+    files = {"table": write_table(comp, results, base_cfg, extractor_info, out / "table.md", wall_seconds),
+             "csv": write_csv(results, out / "results.csv"), "plot": plot_curves(comp, results, out / "fid_vs_steps.png")}
+    for method in comp.methods:  # the final step's grid of the first seed
+        first = next(r for r in results if r.method == method)
+        grid = first.records[-1].get("grid")
+        if grid and Path(grid).exists():
+            files[f"samples_{method}"] = Path(shutil.copyfile(grid, out / f"samples_{method}.png"))
+    return files
