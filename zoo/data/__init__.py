@@ -8,6 +8,7 @@ feature cache can be keyed by (index, flip).
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,32 @@ def shapes_split(data_cfg, reference: bool = False, num_images: int | None = Non
     seed = data_cfg.seed + (REFERENCE_SEED_OFFSET if reference else 0)
     images, labels = _shapes(num_images or data_cfg.num_images, seed, data_cfg.num_classes, data_cfg.image_size)
     return InMemoryImages(images, labels)
+
+
+def data_identity(data_cfg) -> dict:
+    """What defines the data distribution (not the size of one training subset): a cache key for models
+    trained on it (the judge, the built-in teacher)."""
+    if data_cfg.dataset == "shapes":
+        return {"dataset": "shapes", "seed": data_cfg.seed, "num_classes": data_cfg.num_classes,
+                "image_size": data_cfg.image_size}
+    return {"dataset": data_cfg.dataset, "root": str(Path(data_cfg.root).resolve()),
+            "num_classes": data_cfg.num_classes, "image_size": data_cfg.image_size}
+
+
+def training_images(data_cfg, num_images: int):
+    """The training distribution for a helper network: `num_images` generated shapes, or the whole folder."""
+    if data_cfg.dataset == "shapes":
+        return shapes_split(data_cfg, num_images=num_images)
+    return build_dataset(data_cfg)
+
+
+def gather(dataset, index: torch.Tensor, flip: torch.Tensor) -> dict:
+    """A batch of (image, label) at `index`, mirrored where `flip`, from in-memory data or an image folder."""
+    if hasattr(dataset, "batch"):
+        return dataset.batch(index, flip)
+    items = [dataset[(int(i), bool(f))] for i, f in zip(index, flip)]
+    return {"image": torch.stack([it["image"] for it in items]), "label": torch.tensor([it["label"] for it in items]),
+            "index": index, "flip": flip}
 
 
 def build_dataset(data_cfg):

@@ -94,7 +94,7 @@ class Evaluator:
 
     def extractor(self, data_cfg):
         """Built once; the default judge is the one trained on this data, so it is kept per data."""
-        from zoo.eval.judge import data_identity
+        from zoo.data import data_identity
 
         per_data = self.settings.extractor == "judge" and not self.settings.weights
         key = fingerprint(data_identity(data_cfg)) if per_data else "any"

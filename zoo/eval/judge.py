@@ -29,6 +29,7 @@ from torch import nn
 
 from zoo.cache import cache_dir, fingerprint
 from zoo.checkpoint import atomic_save
+from zoo.data import data_identity, gather, training_images
 from zoo.errors import CheckpointError, DataError
 
 JUDGE_FORMAT = "repa-zoo-judge/1"
@@ -86,36 +87,12 @@ class JudgeNet(nn.Module):
         return pooled, self.head(pooled)
 
 
-def data_identity(data_cfg) -> dict:
-    """What defines the data distribution the judge learns (not the size of one training subset)."""
-    if data_cfg.dataset == "shapes":
-        return {"dataset": "shapes", "seed": data_cfg.seed, "num_classes": data_cfg.num_classes,
-                "image_size": data_cfg.image_size}
-    return {"dataset": data_cfg.dataset, "root": str(Path(data_cfg.root).resolve()),
-            "num_classes": data_cfg.num_classes, "image_size": data_cfg.image_size}
-
-
 def judge_key(data_cfg, recipe: JudgeRecipe) -> str:
     return fingerprint({"judge": dataclasses.asdict(recipe), "data": data_identity(data_cfg), "format": JUDGE_FORMAT})
 
 
 def default_judge_path(data_cfg, recipe: JudgeRecipe = JudgeRecipe()) -> Path:
     return cache_dir("judge") / f"judge-{judge_key(data_cfg, recipe)}.pt"
-
-
-def _training_data(data_cfg, recipe: JudgeRecipe):
-    from zoo.data import build_dataset, shapes_split
-
-    if data_cfg.dataset == "shapes":
-        return shapes_split(data_cfg, num_images=recipe.num_images)
-    return build_dataset(data_cfg)
-
-
-def _batch(dataset, index: torch.Tensor, flip: torch.Tensor) -> dict:
-    if hasattr(dataset, "batch"):
-        return dataset.batch(index, flip)
-    items = [dataset[(int(i), bool(f))] for i, f in zip(index, flip)]
-    return {"image": torch.stack([it["image"] for it in items]), "label": torch.tensor([it["label"] for it in items])}
 
 
 @torch.no_grad()
@@ -132,7 +109,7 @@ def train_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), path=None, progre
     from zoo.eval.reference import reference_images
 
     path = Path(path) if path else default_judge_path(data_cfg, recipe)
-    dataset = _training_data(data_cfg, recipe)
+    dataset = training_images(data_cfg, recipe.num_images)
     if len(dataset) < recipe.batch_size:
         raise DataError(f"the judge needs at least one batch of {recipe.batch_size} images; the data has {len(dataset)}")
     torch.manual_seed(recipe.seed)
@@ -152,7 +129,7 @@ def train_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), path=None, progre
     for step in bar:
         index = torch.randint(len(dataset), (recipe.batch_size,), generator=gen)
         flip = torch.rand(recipe.batch_size, generator=gen) < 0.5  # every class is mirror-symmetric in distribution
-        batch = _batch(dataset, index, flip)
+        batch = gather(dataset, index, flip)
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_at(step)
         loss = F.cross_entropy(net(batch["image"])[1], batch["label"])

@@ -38,7 +38,7 @@ def reference_images(data_cfg, num: int) -> tuple:
 
 def reference_description(data_cfg, num: int) -> dict:
     from zoo.data import REFERENCE_SEED_OFFSET
-    from zoo.eval.judge import data_identity
+    from zoo.data import data_identity
 
     desc = {**data_identity(data_cfg), "num": num}
     if data_cfg.dataset == "shapes":
