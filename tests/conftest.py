@@ -8,6 +8,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Everything the zoo caches (teachers, judges, feature caches) goes to a per-session folder, never ~/.cache."""
+    os.environ["REPA_ZOO_CACHE"] = str(tmp_path_factory.mktemp("zoo-cache"))
+
+
 @pytest.fixture
 def micro_cfg():
     """A factory for the `micro` preset of a method, with extra overrides."""

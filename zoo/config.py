@@ -102,6 +102,24 @@ class SampleConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The built-in teacher encoder (zoo/encoders/builtin.py), used by aligning methods whose encoder is
+    `builtin`: a small ViT trained self-supervised on the run's data. Every field is part of its cache key."""
+    patch: int = 4              # 32x32 images -> an 8x8 token grid, the `tiny` SiT's
+    width: int = 96             # token width D that projectors map to
+    depth: int = 4
+    heads: int = 4
+    steps: int = 1500
+    batch_size: int = 128       # images per step; each is seen in two augmented views
+    lr: float = 1e-3            # AdamW, warm-up then cosine
+    weight_decay: float = 0.05
+    temperature: float = 0.2    # of the contrastive (NT-Xent) loss
+    seed: int = 4_242           # its own seed, unrelated to training runs and to the judge's
+    num_images: int = 20000     # training images drawn from the data's training distribution
+    probe_images: int = 2000    # train and held-out images of the linear probe that reports its quality
+
+
+@dataclass
 class RunConfig:
     method: str = "sit"
     preset: str = "tiny"
@@ -111,6 +129,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 def schema_for(method_cls) -> Any:
@@ -177,11 +196,15 @@ def method_config_file(method_cls) -> Path:
     return Path(getattr(method_cls, "config_file", None) or CONFIG_DIR / f"{method_cls.name}.yaml")
 
 
-def load_config(method: str, overrides: Optional[list[str]] = None, preset: Optional[str] = None) -> DictConfig:
-    """Resolve the full config of `method` (see the module docstring for the order)."""
+def load_config(method: Optional[str], overrides: Optional[list[str]] = None, preset: Optional[str] = None) -> DictConfig:
+    """Resolve the full config of `method` (see the module docstring for the order).
+
+    `method=None` gives the shared sections alone (preset and overrides, no method file), for commands
+    that need data or the built-in teacher's recipe but train no method.
+    """
     from zoo.registry import get_method_class
 
-    method_cls = get_method_class(method)
+    method_cls = get_method_class(method) if method is not None else None
     cli = parse_overrides(overrides or [])
     preset = cli.pop("preset", None) or preset or "tiny"
     cfg = OmegaConf.structured(schema_for(method_cls))
@@ -189,15 +212,15 @@ def load_config(method: str, overrides: Optional[list[str]] = None, preset: Opti
     if not preset_file.exists():
         raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(available_presets())}")
     cfg = _merge(cfg, _load_yaml(preset_file), str(preset_file))
-    own_file = method_config_file(method_cls)
-    if own_file.exists():
+    own_file = method_config_file(method_cls) if method_cls is not None else None
+    if own_file is not None and own_file.exists():
         own = _load_yaml(own_file)
         per_preset = own.pop("presets", {}) or {}
         cfg = _merge(cfg, own, str(own_file))
         if preset in per_preset:
             cfg = _merge(cfg, per_preset[preset], f"{own_file} (presets.{preset})")
     cfg = _merge(cfg, cli, "the command line")
-    cfg.method, cfg.preset = method, preset
+    cfg.method, cfg.preset = method or "", preset
     return cfg
 
 

@@ -26,20 +26,11 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from zoo.cache import cache_dir
+from zoo.encoders.pretrained import DINOV2_TIMM, dinov2_file, dinov2_url
 from zoo.errors import ConfigError, MissingWeightsError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
-DINOV2_TIMM = {"s": "vit_small_patch14_dinov2", "b": "vit_base_patch14_dinov2",
-               "l": "vit_large_patch14_dinov2", "g": "vit_giant_patch14_dinov2"}
-
-
-def dinov2_file(size: str) -> str:
-    return f"dinov2_vit{size}14_pretrain.pth"
-
-
-def dinov2_url(size: str) -> str:
-    return f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{size}14/{dinov2_file(size)}"
 
 
 class FeatureExtractorJudge(FeatureExtractorBase):

@@ -1,0 +1,107 @@
+"""The built-in teacher: its objective, augmentations, probe, cache file and encoder wrapper."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.config import load_config
+from zoo.encoders import build_encoders, encoder_dims
+from zoo.encoders.builtin import (BuiltinTeacher, augment, default_teacher_path, ensure_teacher, linear_probe,
+                                  load_teacher, nt_xent, train_teacher)
+from zoo.errors import CheckpointError, ConfigError
+
+MICRO = ["preset=micro", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, MICRO)
+
+
+def reference_nt_xent(z1, z2, tau):
+    """SimCLR's loss written out: for each view i, -log exp(s(i, partner)/tau) / sum_{k != i} exp(s(i, k)/tau)."""
+    z = torch.cat([z1, z2])
+    n, b = len(z), len(z1)
+    total = 0.0
+    for i in range(n):
+        partner = (i + b) % n
+        sims = torch.stack([F.cosine_similarity(z[i], z[k], dim=0) / tau for k in range(n) if k != i])
+        total = total - (F.cosine_similarity(z[i], z[partner], dim=0) / tau - torch.logsumexp(sims, 0))
+    return total / n
+
+
+def test_nt_xent_matches_a_transcription():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
+    assert torch.allclose(nt_xent(z1, z2, 0.2), reference_nt_xent(z1, z2, 0.2), atol=1e-5)
+    # matching pairs far apart from everything else: near-zero loss
+    basis = torch.eye(4) * 10
+    assert nt_xent(basis, basis, 0.05) < 1e-3
+
+
+def test_augment_keeps_shape_and_range_is_seeded_and_changes_the_image():
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    a = augment(images, torch.Generator().manual_seed(1))
+    b = augment(images, torch.Generator().manual_seed(1))
+    c = augment(images, torch.Generator().manual_seed(2))
+    assert a.shape == images.shape and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, images, atol=0.1)
+
+
+def test_linear_probe_separates_separable_classes_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    x = F.one_hot(y, 4).float() * 3 + 0.3 * torch.randn(400, 4, generator=g)
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:]) == 1.0
+    noise = torch.randn(400, 16, generator=g)
+    assert linear_probe(noise[:200], y[:200], noise[200:], y[200:]) < 0.45  # chance: 0.25
+
+
+def test_teacher_trains_saves_and_loads_as_a_frozen_encoder(cfg, tmp_path):
+    path = train_teacher(cfg.data, cfg.teacher, tmp_path / "t.pt", progress=False)
+    net, record = load_teacher(path)
+    assert record["shape"]["width"] == cfg.teacher.width == encoder_dims("builtin", cfg)[0]
+    assert 0 <= record["probe_accuracy"] <= 1 and 0 <= record["random_init_probe_accuracy"] <= 1
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    for grid in (8, 16):  # its own 8x8 grid, and resized to a finer backbone grid
+        encoder = build_encoders("builtin", str(path), grid=grid, cfg=cfg)[0]
+        assert isinstance(encoder, BuiltinTeacher)
+        tokens = encoder(images.requires_grad_())
+        assert tokens.shape == (2, grid * grid, cfg.teacher.width) and tokens.grad_fn is None
+    encoder.train()
+    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
+    with torch.no_grad():  # (the no_grad path of nn.TransformerEncoder is a fused kernel: equal to ~1e-6)
+        assert torch.allclose(build_encoders("builtin", str(path), grid=8, cfg=cfg)[0](images), net(images), atol=1e-5)
+
+
+def test_the_cached_teacher_is_trained_once_per_recipe_and_data(cfg):
+    path = ensure_teacher(cfg, progress=False)
+    assert path == default_teacher_path(cfg.data, cfg.teacher) and path.exists()
+    mtime = path.stat().st_mtime_ns
+    assert ensure_teacher(cfg, progress=False) == path and path.stat().st_mtime_ns == mtime
+    other = load_config(None, [*MICRO, "teacher.seed=5"])
+    assert default_teacher_path(other.data, other.teacher) != path
+    other_data = load_config(None, [*MICRO, "data.seed=5"])
+    assert default_teacher_path(other_data.data, other_data.teacher) != path
+
+
+def test_corrupt_or_mismatched_teacher_files_are_clear_errors(cfg, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt are corrupt"):
+        load_teacher(bad)
+    with pytest.raises(CheckpointError, match="do not exist.*zoo prepare teacher"):
+        load_teacher(tmp_path / "missing.pt")
+    path = train_teacher(cfg.data, cfg.teacher, tmp_path / "t.pt", progress=False)
+    wide = load_config(None, [*MICRO, "teacher.width=48"])
+    with pytest.raises(ConfigError, match="teacher.width=32"):
+        build_encoders("builtin", str(path), grid=8, cfg=wide)
+
+
+def test_prepare_teacher_command_reports_the_probe(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "zoo", "prepare", "teacher", "--preset", "micro", "--out",
+                          str(tmp_path / "t.pt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "linear-probe accuracy on 100 held-out images" in out.stdout and (tmp_path / "t.pt").exists()
