@@ -40,7 +40,7 @@ class SiT(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
-        self.patch, self.depth, self.num_classes = patch, depth, num_classes
+        self.patch, self.depth, self.num_classes, self.hidden_size = patch, depth, num_classes, hidden
         self.x_embedder = PatchEmbed(input_size, patch, in_channels, hidden)
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden)
