@@ -1,4 +1,5 @@
 """The `zoo` command end to end, in subprocesses, as a user runs it."""
+import json
 import subprocess
 import sys
 
@@ -69,3 +70,13 @@ def test_bench_reports_speed_and_memory():
     out = zoo("bench", "--method", "sit", *MICRO, "--steps", "2", "--warmup", "1")
     assert out.returncode == 0, out.stderr
     assert '"steps_per_sec"' in out.stdout and '"peak_rss_mb"' in out.stdout
+
+
+def test_bench_side_by_side_reports_each_run_and_its_ratio_to_the_first():
+    out = zoo("bench", "--run", "sit", "--run", "repa repa.feature_cache=never", *MICRO, "--steps", "1",
+              "--warmup", "1", "--rounds", "2")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["run"] for r in rows] == ["sit", "repa repa.feature_cache=never"]
+    assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0 and len(rows[1]["ms_per_step_rounds"]) == 2
+    assert rows[1]["parameters"] > rows[0]["parameters"]  # the projector

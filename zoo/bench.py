@@ -1,4 +1,5 @@
-"""`zoo bench`: training speed and peak memory of one method and preset, measured in this process."""
+"""`zoo bench`: training speed and peak memory of a method and preset, measured in this process; or
+several runs side by side (`--run`), timed in interleaved rounds so that load on the machine hits all alike."""
 from __future__ import annotations
 
 import platform
@@ -13,6 +14,39 @@ from zoo.backbones.sit import count_parameters
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def bench_side_by_side(cfgs: list, labels: list, steps: int = 20, warmup: int = 3, rounds: int = 5) -> list:
+    """Median ms/step of each config's training step, measured in `rounds` interleaved rounds of `steps` steps.
+
+    Every trainer is built first (teachers, feature caches), then each round times every run in turn,
+    so a slower or faster spell of the machine falls on all runs alike. The first run is the reference
+    of the `ratio` column.
+    """
+    import statistics
+
+    from zoo.trainer import Trainer
+
+    trainers = [Trainer(cfg, run_dir=None, progress=False) for cfg in cfgs]
+    streams = [t.loader.iterate(0) for t in trainers]
+    for trainer, batches in zip(trainers, streams):
+        for _ in range(warmup):
+            trainer.train_step(next(batches))
+    times = [[] for _ in trainers]
+    for _ in range(rounds):
+        for i, (trainer, batches) in enumerate(zip(trainers, streams)):
+            _sync(trainer.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(next(batches))
+            _sync(trainer.device)
+            times[i].append(1000 * (time.perf_counter() - start) / steps)
+    base = statistics.median(times[0])
+    return [{"run": label, "method": cfg.method, "ms_per_step": round(statistics.median(ms), 2),
+             "ms_per_step_rounds": [round(m, 1) for m in ms], "ratio": round(statistics.median(ms) / base, 3),
+             "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
+             "parameters": count_parameters(trainer.model)}
+            for label, cfg, ms, trainer in zip(labels, cfgs, times, trainers)]
 
 
 def bench_training(cfg, steps: int = 20, warmup: int = 3, peak_tflops: float = 0.0) -> dict:

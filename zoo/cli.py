@@ -139,9 +139,21 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_bench(args) -> int:
-    from zoo.bench import bench_training
+    from zoo.bench import bench_side_by_side, bench_training
+    from zoo.config import load_config
 
-    result = bench_training(_config(args), steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
+    if args.run:
+        specs = [spec.split() for spec in args.run]
+        if any(not spec for spec in specs):
+            raise ZooError("--run needs a method name, optionally followed by key=value overrides")
+        cfgs = [load_config(spec[0], [*args.overrides, *spec[1:]], args.preset) for spec in specs]
+        result = bench_side_by_side(cfgs, args.run, steps=args.steps, warmup=args.warmup, rounds=args.rounds)
+        for row in result:
+            print(f"{row['run']:<40} {row['ms_per_step']:8.1f} ms/step  {row['ratio']:.3f}x", file=sys.stderr)
+    elif not args.method:
+        raise ZooError("zoo bench needs --method (or --run METHOD [key=value ...], repeated)")
+    else:
+        result = bench_training(_config(args), steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -159,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, then exit")
     sub.add_parser("sample", help="sample an image grid from a checkpoint (zoo sample --help)", add_help=False)
     bench = sub.add_parser("bench", help="training steps/s and peak memory of a method and preset")
-    _add_config_args(bench)
+    _add_config_args(bench, method_required=False)
+    bench.add_argument("--run", action="append", metavar="'METHOD [key=value ...]'",
+                       help="time several runs side by side in interleaved rounds (repeat; the first is the reference)")
+    bench.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --steps steps each, with --run")
     bench.add_argument("--steps", type=int, default=20)
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to report model FLOP utilisation")
