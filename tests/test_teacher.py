@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from zoo.config import load_config
 from zoo.encoders import build_encoders, encoder_dims
 from zoo.encoders.builtin import (BuiltinTeacher, augment, default_teacher_path, ensure_teacher, linear_probe,
-                                  load_teacher, nt_xent, train_teacher)
+                                  load_teacher, train_teacher, vicreg)
 from zoo.errors import CheckpointError, ConfigError
 
 MICRO = ["preset=micro", "train.device=cpu"]
@@ -20,25 +20,35 @@ def cfg():
     return load_config(None, MICRO)
 
 
-def reference_nt_xent(z1, z2, tau):
-    """SimCLR's loss written out: for each view i, -log exp(s(i, partner)/tau) / sum_{k != i} exp(s(i, k)/tau)."""
-    z = torch.cat([z1, z2])
-    n, b = len(z), len(z1)
-    total = 0.0
-    for i in range(n):
-        partner = (i + b) % n
-        sims = torch.stack([F.cosine_similarity(z[i], z[k], dim=0) / tau for k in range(n) if k != i])
-        total = total - (F.cosine_similarity(z[i], z[partner], dim=0) / tau - torch.logsumexp(sims, 0))
-    return total / n
+def reference_vicreg(z1, z2, lam=25.0, mu=25.0, nu=1.0):
+    """VICReg's loss written out: lam * s(Z, Z') + mu * (v(Z) + v(Z')) / 2 + nu * (c(Z) + c(Z')), with
+    s the mean squared distance, v(Z) = mean_j max(0, 1 - sqrt(Var(z_j) + 1e-4)) and
+    c(Z) = sum_{i != j} Cov(Z)_ij^2 / d."""
+    n, d = z1.shape
+
+    def v(z):
+        return sum(max(0.0, 1 - (z[:, j].var() + 1e-4).sqrt().item()) for j in range(d)) / d
+
+    def c(z):
+        zc = z - z.mean(0)
+        return sum((sum(zc[k, i] * zc[k, j] for k in range(n)) / (n - 1)) ** 2
+                   for i in range(d) for j in range(d) if i != j) / d
+
+    s = sum(((z1[k] - z2[k]) ** 2).sum() for k in range(n)) / (n * d)
+    return lam * s + mu * (v(z1) + v(z2)) / 2 + nu * (c(z1) + c(z2))
 
 
-def test_nt_xent_matches_a_transcription():
+def test_vicreg_matches_a_transcription():
     torch.manual_seed(0)
-    z1, z2 = torch.randn(4, 8), torch.randn(4, 8)
-    assert torch.allclose(nt_xent(z1, z2, 0.2), reference_nt_xent(z1, z2, 0.2), atol=1e-5)
-    # matching pairs far apart from everything else: near-zero loss
-    basis = torch.eye(4) * 10
-    assert nt_xent(basis, basis, 0.05) < 1e-3
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert torch.allclose(vicreg(z1, z2), torch.as_tensor(reference_vicreg(z1, z2)), atol=1e-4)
+    z1, z2 = 0.1 * z1, 0.3 * z2  # low variance: the hinge is active
+    assert torch.allclose(vicreg(z1, z2, 2.0, 3.0, 0.5), torch.as_tensor(reference_vicreg(z1, z2, 2.0, 3.0, 0.5)),
+                          atol=1e-4)
+    # identical, spread out, decorrelated views: no loss; collapsed views: the variance term
+    basis = torch.cat([torch.eye(4), -torch.eye(4)]) * 10
+    assert vicreg(basis, basis) < 1e-3
+    assert torch.isclose(vicreg(torch.ones(8, 4), torch.ones(8, 4)), torch.tensor(25 * (1 - 1e-2)), atol=1e-4)
 
 
 def test_augment_keeps_shape_and_range_is_seeded_and_changes_the_image():

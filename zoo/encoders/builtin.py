@@ -5,18 +5,25 @@ offline CPU machine there is none, and ImageNet encoders know nothing of 32x32 p
 so the zoo trains its own teacher once per data distribution and caches it (`zoo prepare teacher`,
 or on first use).
 
-Objective: contrastive instance discrimination (SimCLR's NT-Xent) between two augmented views of
-each image, on the mean of the patch tokens. Why this one:
+Objective: VICReg (variance-invariance-covariance) between two augmented views of each image, on the
+mean of the patch tokens through a BatchNorm'd expander. Why this one:
 - it needs no labels, like DINOv2, so the teacher brings structure the diffusion loss does not
-  already get from the class label, and it differs in objective from the judge (a supervised CNN,
-  zoo/eval/judge.py), so no method is rewarded for aligning to the network that scores it;
-- the augmentations (rotation, scale, shift, flips, colour permutation, inversion, grey) are exactly
-  the nuisances of the built-in data, so the tokens learn shape, fill and texture, which is what
-  the classes are made of;
-- it trains in minutes on a CPU and is stable with small batches, unlike self-distillation (DINO),
-  which needs centring, teacher temperatures and long schedules to avoid collapse.
+  already get from the class label, and it differs in objective and architecture from the judge (a
+  supervised CNN, zoo/eval/judge.py), so no method is rewarded for aligning to the network that scores it;
+- it needs no negatives, so it is stable with the small batches a CPU affords, where SimCLR's NT-Xent
+  (the previous objective) barely moved in the same budget (loss 5.5 -> 5.25, probe 0.13-0.15, below a
+  random-init teacher's ~0.2); self-distillation (DINO, BYOL) needs centring or EMA targets and long
+  schedules;
+- the augmentations are generic image nuisances, set to the spread of the built-in data's own (rotation,
+  scale, shift, flips, colour permutation, inversion, grey, contrast, brightness), so what survives them
+  is shape, fill and texture; without the colour changes the probe falls below random-init (colour alone
+  identifies an image).
+The ViT gets a small BatchNorm'd conv stem in place of the linear patch embedding: with it the same
+budget learns markedly faster (probe 0.42 vs 0.34 after 150 steps); its output is still one token per
+`patch` x `patch` cell (8x8 for 32 px images), the grid REPA aligns to.
 Its quality is reported as the accuracy of a linear probe on its pooled tokens, on held-out images,
-beside the same probe on a randomly initialised copy.
+beside the same probe on a randomly initialised copy: with the default recipe (400 steps of 128 images,
+305 s on 2 CPU threads) it is 0.48 on 2,000 held-out shapes (chance 0.10) against 0.17 at random init.
 """
 from __future__ import annotations
 
@@ -37,17 +44,25 @@ from zoo.data import data_identity, gather, shapes_split, training_images
 from zoo.encoders import Encoder, register_encoder, resize_images
 from zoo.errors import CheckpointError, ConfigError, DataError
 
-TEACHER_FORMAT = "repa-zoo-teacher/1"
+TEACHER_FORMAT = "repa-zoo-teacher/2"
 
 
 class TeacherViT(nn.Module):
-    """Patch embedding + fixed 2D sin-cos positions -> pre-norm transformer layers -> LayerNorm."""
+    """Convolutional stem (3x3 convs, BatchNorm, one stride-2 conv per halving: `patch` x `patch` pixels per
+    token) + fixed 2D sin-cos positions -> pre-norm transformer layers -> LayerNorm."""
 
     def __init__(self, image_size: int, patch: int, width: int, depth: int, heads: int):
         super().__init__()
         if image_size % patch:
             raise ConfigError(f"teacher.patch={patch} does not divide the image size {image_size}")
-        self.embed = nn.Conv2d(3, width, patch, patch)
+        halvings, hidden = int(math.log2(patch)), max(8, width // 2)
+        if 2 ** halvings != patch:
+            raise ConfigError(f"teacher.patch={patch} must be a power of two (its stem halves the image)")
+        layers = [nn.Conv2d(3, hidden, 3, 1, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()]
+        for _ in range(halvings - 1):
+            layers += [nn.Conv2d(hidden, hidden, 3, 2, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU()]
+        layers.append(nn.Conv2d(hidden, width, 3, 2 if halvings else 1, 1))
+        self.embed = nn.Sequential(*layers)
         self.register_buffer("pos", sincos_pos_embed_2d(width, image_size // patch)[None], persistent=False)
         layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -81,14 +96,25 @@ def augment(images: Tensor, gen: torch.Generator) -> Tensor:
     return (view * (0.6 + 0.8 * u(b, 1, 1, 1)) + 0.4 * (u(b, 1, 1, 1) - 0.5)).clamp(-1, 1)  # contrast, brightness
 
 
-def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """SimCLR's loss: each view must pick its partner among the 2B - 1 other views."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    logits = z @ z.t() / temperature
-    logits.fill_diagonal_(float("-inf"))
-    b = z1.shape[0]
-    partner = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
-    return F.cross_entropy(logits, partner)
+def vicreg(z1: Tensor, z2: Tensor, invariance: float = 25.0, variance: float = 25.0,
+           covariance: float = 1.0) -> Tensor:
+    """VICReg (Bardes et al. 2022) between the embeddings [B, E] of two views of the same images:
+    invariance * mean squared distance between partners
+    + variance * mean over views and dimensions of relu(1 - std) (keeps every dimension alive: no collapse)
+    + covariance * sum over views of the squared off-diagonal covariances / E (decorrelates the dimensions)."""
+    loss = invariance * F.mse_loss(z1, z2)
+    for z in (z1, z2):
+        z = z - z.mean(0)
+        loss = loss + variance * F.relu(1 - torch.sqrt(z.var(0) + 1e-4)).mean() / 2
+        cov = z.t() @ z / (len(z) - 1)
+        loss = loss + covariance * (cov.pow(2).sum() - cov.diagonal().pow(2).sum()) / z.shape[1]
+    return loss
+
+
+def expander(width: int, dim: int) -> nn.Module:
+    """VICReg's expander: two BatchNorm'd hidden layers, used only for the training objective."""
+    return nn.Sequential(nn.Linear(width, dim), nn.BatchNorm1d(dim), nn.ReLU(),
+                         nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
 
 
 def teacher_key(data_cfg, recipe) -> str:
@@ -152,14 +178,14 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
                  depth=recipe["depth"], heads=recipe["heads"])
     net = TeacherViT(**shape)
     random_probe = probe_accuracy(net, data_cfg, recipe["probe_images"])
-    head = nn.Sequential(nn.Linear(recipe["width"], recipe["width"]), nn.ReLU(), nn.Linear(recipe["width"], 64))
+    head = expander(recipe["width"], recipe["expander"])
     params = [*net.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps, warmup = recipe["steps"], max(1, recipe["steps"] // 20)
     gen = torch.Generator().manual_seed(recipe["seed"])
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="teacher", unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    net.train()
+    net.train(), head.train()
     for step in bar:
         lr = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in opt.param_groups:
@@ -168,7 +194,7 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
         images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
         views = augment(torch.cat([images, images]), gen)
         z1, z2 = head(net(views).mean(1)).chunk(2)
-        loss = nt_xent(z1, z2, recipe["temperature"])
+        loss = vicreg(z1, z2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
