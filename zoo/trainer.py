@@ -53,7 +53,13 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         self.method = build_method(cfg)
+        # the main process sets up first: what setup trains and caches on first use (a teacher, a VAE,
+        # feature caches) is built once, and the other processes then find it in the cache
+        if not self.proc.is_main:
+            barrier(self.proc)
         self.method.setup(self.device, training=True)
+        if self.proc.is_main:
+            barrier(self.proc)
         self.model = self.method.build_model().to(self.device)
         if self.proc.distributed and self.device.type == "cuda":
             # batch statistics over all processes; PyTorch's SyncBatchNorm has no CPU kernel, so on
