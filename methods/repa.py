@@ -62,6 +62,9 @@ class REPA(Method):
         if not training:
             return  # sampling never needs the teacher
         o = self.options
+        if self.cfg.data.dataset == "latents":
+            raise ConfigError("repa's teacher needs the images, and prepared latents hold none: train on the "
+                              "image folder with data.vae=<VAE> instead")
         self.encoders = build_encoders(o.encoder, o.encoder_weights, grid=self.token_grid(), cfg=self.cfg,
                                        device=self.device)
         if o.feature_cache == "never":

@@ -51,6 +51,7 @@ class DataConfig:
     seed: int = 0               # shapes: the generator's seed (the reference split uses another)
     hflip: bool = True          # random horizontal flips
     num_workers: int = 0
+    vae: str = ""               # "": diffuse pixels | builtin (zoo prepare vae) | a diffusers AutoencoderKL folder
 
 
 @dataclass
@@ -120,6 +121,21 @@ class TeacherConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """The built-in VAE (zoo/vae.py), used when data.vae=builtin: a small diffusers AutoencoderKL trained on
+    the run's data with L1 + KL. Every field is part of its cache key."""
+    channels: List[int] = field(default_factory=lambda: [32, 64, 64])  # downsampling 2^(len - 1): 32 px -> 8x8
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3            # AdamW, warm-up then cosine
+    kl_weight: float = 1e-6     # as SD-VAE and REPA-E
+    seed: int = 5_151
+    num_images: int = 20000
+
+
+@dataclass
 class RunConfig:
     method: str = "sit"
     preset: str = "tiny"
@@ -130,6 +146,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 
 def schema_for(method_cls) -> Any:

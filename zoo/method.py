@@ -118,6 +118,7 @@ class Method:
         self.path = build_path(cfg.flow.path)
         self.time_sampler = build_time_sampler(cfg.flow)
         self.device = torch.device("cpu")
+        self.vae = None                  # the frozen VAE of latent diffusion (data.vae), loaded by `setup`
 
     @property
     def options(self):
@@ -142,12 +143,21 @@ class Method:
         """Load frozen helpers (teacher encoders, a VAE, feature caches) onto `device`.
 
         Frozen modules live on the method, not in the model: they are never optimised, EMA'd or
-        saved in checkpoints. `training=False` when only sampling.
+        saved in checkpoints. `training=False` when only sampling. The default loads the frozen VAE
+        of latent diffusion when `data.vae` is set.
         """
         self.device = torch.device(device)
+        if self.cfg.data.vae:
+            from zoo.vae import load_vae
+
+            self.vae = load_vae(self.cfg).to(self.device).eval().requires_grad_(False)
 
     def state_shape(self) -> tuple:
         """Shape (C, H, W) of one diffusion state; a VAE or extra feature channels change it."""
+        if self.cfg.data.vae:
+            from zoo.vae import latent_shape
+
+            return latent_shape(self.cfg)
         return (self.data.channels, self.data.image_size, self.data.image_size)
 
     # ---------------------------------------------------------------- training
@@ -156,7 +166,13 @@ class Method:
         return [Phase("model", [p for p in model.parameters() if p.requires_grad], self.loss_terms)]
 
     def encode(self, model: ZooModel, batch: dict) -> Tensor:
-        """Map the raw batch to the clean diffusion state x (identity for pixel-space images)."""
+        """Map the raw batch to the clean diffusion state x: the images, or a VAE posterior sample of them
+        (drawn from prepared posterior moments when the data is `latents`)."""
+        if "latent_mean" in batch:
+            return self.vae.to_state(batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"]))
+        if self.vae is not None:
+            with torch.no_grad():
+                return self.vae.encode(batch["image"])
         return batch["image"]
 
     def targets(self, batch: dict) -> dict:
@@ -220,7 +236,13 @@ class Method:
 
     def decode(self, model: ZooModel, state: Tensor) -> Tensor:
         """Map a sampled state back to images in [-1, 1] (a VAE decodes here)."""
+        if self.vae is not None:
+            return self.vae.decode(state)
         return state
+
+    def export_vae(self, model: ZooModel):
+        """A VAE this method tuned, as a diffusers AutoencoderKL (`zoo export-vae`); None: it tunes none."""
+        return None
 
     @torch.no_grad()
     def generate(self, model: ZooModel, labels: Tensor, sampler: Sampler, guidance: Guidance = Guidance(),

@@ -17,7 +17,7 @@ from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes
 from zoo.errors import ConfigError, DataError
 from zoo.method import DataInfo
 
-DATASETS = ("shapes", "folder")
+DATASETS = ("shapes", "folder", "latents")
 REFERENCE_SEED_OFFSET = 1_000_003  # the held-out/reference split of the shapes data uses seed + this
 
 
@@ -30,6 +30,17 @@ def data_info(data_cfg) -> DataInfo:
     if data_cfg.dataset == "folder":
         classes = list_classes(data_cfg.root)
         return DataInfo(3, data_cfg.image_size, len(classes))
+    if data_cfg.dataset == "latents":
+        from zoo.data.latents import read_meta
+
+        meta = read_meta(data_cfg.root)
+        if not data_cfg.vae or data_cfg.vae == "builtin":  # `builtin` would mean a VAE trained on these latents
+            raise ConfigError(f"data.dataset=latents needs data.vae: the folder of the VAE that wrote them, "
+                              f"which decodes the samples: data.vae={meta['vae']}")
+        if meta["image_size"] != data_cfg.image_size:
+            raise ConfigError(f"the latents in {data_cfg.root} are of {meta['image_size']} px images; "
+                              f"set data.image_size={meta['image_size']}")
+        return DataInfo(3, data_cfg.image_size, meta["num_classes"])
     raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -94,6 +105,14 @@ def build_dataset(data_cfg):
             raise ConfigError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.root} has "
                               f"{len(dataset.classes)} class folders; set data.num_classes={len(dataset.classes)}")
         return dataset
+    if data_cfg.dataset == "latents":
+        from zoo.data.latents import LatentShards
+
+        dataset = LatentShards(data_cfg.root)
+        if dataset.meta["num_classes"] != data_cfg.num_classes:
+            raise ConfigError(f"data.num_classes={data_cfg.num_classes} but the latents in {data_cfg.root} have "
+                              f"{dataset.meta['num_classes']} classes; set data.num_classes={dataset.meta['num_classes']}")
+        return dataset
     raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -133,7 +152,7 @@ class BatchLoader:
         self.num_workers = data_cfg.num_workers
 
     def iterate(self, start_step: int):
-        if isinstance(self.dataset, InMemoryImages):
+        if hasattr(self.dataset, "batch"):  # in-memory or memory-mapped data: gathered by index, no workers
             step = start_step
             while True:
                 yield self.dataset.batch(*self.plan(step))
