@@ -1,0 +1,165 @@
+"""REPA-E: the VAE tuned end to end with the diffusion transformer (Leng et al., 2025). See docs/methods/repa_e.md.
+
+Each training step makes three updates, each with its own AdamW (the trainer's phases, in order):
+  1. vae            L1 + lpips LPIPS + 1e-6 KL + 0.1 GAN + 1.5 L_REPA, the last through the frozen SiT on
+                    the NON-detached latent (BN with its running statistics, SiT and projectors in eval mode)
+  2. discriminator  PatchGAN hinge loss, real images against the reconstructions of update 1
+  3. sit            L_v + 0.5 L_REPA on BN(z.detach()) (BN in training mode: its statistics move here only)
+The diffusion loss is stop-gradiented to the VAE: back-propagating it collapses the latent space.
+BatchNorm2d (no affine) replaces the fixed latent scale; sampling skips it and de-normalises with the
+(EMA) running statistics before decoding.
+"""
+from __future__ import annotations
+
+import copy
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.repa import REPA, REPAConfig, repa_loss
+from zoo.errors import ConfigError
+from zoo.method import Phase, Term
+from zoo.registry import register
+from zoo.vae import VAE, kl_to_standard_normal, latent_shape, load_vae, vae_architecture
+
+
+@dataclass
+class REPAEConfig(REPAConfig):
+    vae: str = "builtin"            # the VAE to tune: builtin (zoo prepare vae) | a diffusers AutoencoderKL folder
+    vae_proj_coeff: float = 1.5     # weight of L_REPA in the VAE update (proj_coeff is SiT's)
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0       # used when lpips_weights is given
+    lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/lpips.py); "": no perceptual term (CPU default)
+    kl_weight: float = 1e-6
+    gan_weight: float = 0.1
+    disc_channels: int = 64         # PatchGAN width
+    disc_layers: int = 3            # PatchGAN strided layers (2 on 32 px images)
+    vae_lr: float = 1e-4
+    disc_lr: float = 1e-4
+    bn_eps: float = 1e-4
+    bn_momentum: float = 0.1
+
+
+class PatchDiscriminator(nn.Sequential):
+    """PatchGAN (pix2pix, taming): strided 4x4 convolutions with BatchNorm and LeakyReLU, one logit per patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
+        for i in range(1, layers + 1):
+            out = channels * min(2 ** i, 8)
+            mods += [nn.Conv2d(c, out, 4, 2 if i < layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
+            c = out
+        super().__init__(*mods, nn.Conv2d(c, 1, 4, 1, 1))
+
+
+@contextlib.contextmanager
+def frozen(*modules: nn.Module):
+    """No parameter gradients and eval mode inside; gradients still flow to the inputs."""
+    states = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
+    for m in modules:
+        m.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training, flags in states:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+@register
+class REPAE(REPA):
+    name = "repa_e"
+    description = "REPA-E: tune the VAE end to end with SiT through the REPA loss (three updates per step)"
+    config_class = REPAEConfig
+
+    def __init__(self, cfg, data_info):
+        super().__init__(cfg, data_info)
+        if cfg.data.vae:
+            raise ConfigError("repa_e tunes its own VAE (repa_e.vae); leave data.vae empty")
+        self.initial_vae, self.lpips, self.latents = None, None, None
+
+    def state_shape(self) -> tuple:
+        return latent_shape(self.cfg, self.options.vae)
+
+    def setup(self, device, training: bool = True) -> None:
+        super().setup(device, training)  # REPA's teachers and feature caches
+        if training:  # the pretrained VAE the model starts from; sampling reads the tuned one from the checkpoint
+            self.initial_vae = load_vae(self.cfg, self.options.vae)
+            if self.options.lpips_weights:
+                from zoo.lpips import load_lpips
+
+                self.lpips = load_lpips(self.options.lpips_weights).to(self.device)
+
+    def build_extras(self, backbone) -> dict:
+        o = self.options
+        vae = copy.deepcopy(self.initial_vae) if self.initial_vae is not None else vae_architecture(self.cfg, o.vae)
+        bn = nn.BatchNorm2d(vae.latent_channels, eps=o.bn_eps, momentum=o.bn_momentum, affine=False)
+        with torch.no_grad():  # start as the VAE's fixed scale would: (z - shift) * scale
+            bn.running_mean.copy_(vae.shift.flatten().expand(vae.latent_channels))
+            bn.running_var.copy_((1 / vae.scale.flatten() ** 2).expand(vae.latent_channels))
+        return {**super().build_extras(backbone), "vae": vae.train(), "bn": bn,
+                "discriminator": PatchDiscriminator(o.disc_channels, o.disc_layers)}
+
+    def phases(self, model) -> list:
+        o, ex = self.options, model.extras
+        return [Phase("vae", list(ex["vae"].parameters()), self.vae_losses, lr=o.vae_lr),
+                Phase("discriminator", list(ex["discriminator"].parameters()), self.discriminator_losses, lr=o.disc_lr),
+                Phase("sit", [*model.backbone.parameters(), *ex["projectors"].parameters()], self.loss_terms)]
+
+    # ---------------------------------------------------------------- 1. the VAE update
+    def vae_losses(self, model, batch: dict, ctx) -> dict:
+        o, ex = self.options, model.extras
+        images = batch["image"]
+        mean, std = ex["vae"].posterior(images)
+        z = mean + std * torch.randn_like(std)
+        recon = ex["vae"].decode_latent(z)
+        # what updates 2 and 3 of this step read (phases run in order, on this process)
+        self.latents = {"z": z.detach(), "recon": recon.detach()}
+        bn = ex["bn"]
+        state = F.batch_norm(z, bn.running_mean, bn.running_var, training=False, eps=bn.eps)  # statistics fixed
+        with frozen(model.backbone, ex["projectors"], ex["discriminator"]):
+            with torch.no_grad():
+                targets = self.targets(batch)
+            t = self.sample_time(len(z), z.device)
+            x_t = self.path.interpolate(state, torch.randn_like(state), t)
+            k = o.encoder_depth
+            hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
+            align = repa_loss(hidden, ex["projectors"], targets["tokens"])
+            fake_logits = ex["discriminator"](recon)
+        terms = {"l1": Term((recon - images).abs().mean(), o.l1_weight),
+                 "kl": Term(kl_to_standard_normal(mean, std), o.kl_weight),
+                 "gan": Term(-fake_logits.mean(), o.gan_weight),
+                 "repa_vae": Term(align, o.vae_proj_coeff)}
+        if self.lpips is not None:
+            terms["lpips"] = Term(self.lpips(recon, images).mean(), o.lpips_weight)
+        return terms
+
+    # ---------------------------------------------------------------- 2. the discriminator update
+    def discriminator_losses(self, model, batch: dict, ctx) -> dict:
+        disc = model.extras["discriminator"]
+        real, fake = disc(batch["image"]), disc(self.latents["recon"])
+        return {"disc": Term(F.relu(1 - real).mean() + F.relu(1 + fake).mean())}
+
+    # ---------------------------------------------------------------- 3. the SiT update (Method.loss_terms)
+    def encode(self, model, batch: dict):
+        """BN of the VAE update's latent, detached: the diffusion loss never reaches the VAE."""
+        return model.extras["bn"](self.latents["z"])
+
+    # ---------------------------------------------------------------- sampling
+    def decode(self, model, state):
+        """Skip BN: de-normalise with its running statistics (the EMA's at sampling), then decode."""
+        bn = model.extras["bn"]
+        z = state * (bn.running_var + bn.eps).sqrt().view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+        return model.extras["vae"].decode_latent(z)
+
+    def export_vae(self, model):
+        """The tuned VAE with BN's statistics as its per-channel latent mean and std (diffusers' fields)."""
+        bn, vae = model.extras["bn"], copy.deepcopy(model.extras["vae"].autoencoder)
+        vae.register_to_config(latents_mean=bn.running_mean.tolist(),
+                               latents_std=(bn.running_var + bn.eps).sqrt().tolist(), scaling_factor=1.0,
+                               shift_factor=None)
+        return vae

@@ -1,0 +1,149 @@
+"""The VAE layer: the built-in VAE, diffusers folders, latent diffusion for any method, prepared latent shards,
+`zoo export-vae`, and LPIPS from local files."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zoo import contract
+from zoo.config import load_config
+from zoo.errors import ConfigError, DataError, MissingWeightsError
+from zoo.vae import ensure_builtin_vae, kl_to_standard_normal, latent_shape, load_vae
+
+MICRO = ["preset=micro", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def vae_cfg():
+    return load_config(None, [*MICRO, "data.vae=builtin"])
+
+
+@pytest.fixture(scope="module")
+def vae(vae_cfg):
+    return load_vae(vae_cfg).eval()
+
+
+def test_builtin_vae_is_a_diffusers_folder_with_its_latent_scale(vae_cfg, vae):
+    path = ensure_builtin_vae(vae_cfg, progress=False)
+    config = json.loads((path / "config.json").read_text())
+    record = json.loads((path / "zoo_vae.json").read_text())
+    assert config["_class_name"] == "AutoencoderKL" and record["reconstruction_l1"] > 0
+    assert latent_shape(vae_cfg) == (4, 8, 8) and (vae.latent_channels, vae.factor) == (4, 4)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean, std = vae.posterior(images)
+        state = vae.to_state(mean)
+        # the state is (z - shift) * scale, and decode undoes exactly that before the decoder
+        assert torch.allclose(state, (mean - config["shift_factor"]) * config["scaling_factor"], atol=1e-6)
+        assert torch.allclose(vae.decode(state), vae.decode_latent(mean), atol=1e-5)
+        assert vae.decode(state).shape == images.shape
+
+
+def test_kl_matches_the_closed_form():
+    mean, std = torch.randn(2, 4, 3, 3), torch.rand(2, 4, 3, 3) + 0.5
+    p, q = torch.distributions.Normal(mean, std), torch.distributions.Normal(0.0, 1.0)
+    expected = torch.distributions.kl_divergence(p, q).flatten(1).sum(1).mean()
+    assert torch.allclose(kl_to_standard_normal(mean, std), expected, atol=1e-5)
+
+
+def test_a_missing_vae_folder_names_it_and_the_fetch_command(tmp_path):
+    cfg = load_config(None, [*MICRO, f"data.vae={tmp_path / 'sd-vae'}"])
+    with pytest.raises(MissingWeightsError, match="(?s)sd-vae.*huggingface-cli download stabilityai/sd-vae-ft-ema"):
+        latent_shape(cfg)
+
+
+@pytest.mark.parametrize("name", ["sit", "repa"])
+def test_any_method_trains_and_samples_on_vae_latents(name):
+    overrides = ["data.vae=builtin", "model.patch=1"]
+    contract.check_training_step(name, overrides)
+    contract.check_sampling_shape(name, overrides)
+
+
+def write_image_folder(root, n=6):
+    from zoo.data import shapes_split
+
+    split = shapes_split(load_config(None, MICRO).data, num_images=n)
+    for i, (image, label) in enumerate(zip(split.images, split.labels)):
+        folder = root / f"class{int(label)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    return root
+
+
+def test_prepared_latents_hold_the_posterior_moments_of_both_flips(tmp_path, vae_cfg, vae):
+    from zoo.data.folder import ImageFolder
+    from zoo.data.latents import LatentShards, prepare_latents
+
+    images = ImageFolder(write_image_folder(tmp_path / "images"), 32)
+    out = prepare_latents(vae, images, tmp_path / "latents", shard_size=4, batch_size=3, progress=False)
+    shards = LatentShards(out)
+    assert len(shards) == 6 and shards.meta["num_shards"] == 2 and shards.meta["latent_shape"] == [4, 8, 8]
+    index, flip = torch.tensor([0, 5, 2]), torch.tensor([False, True, True])
+    batch = shards.batch(index, flip)
+    x = torch.stack([images[(int(i), bool(f))]["image"] for i, f in zip(index, flip)])
+    with torch.no_grad():
+        mean, std = vae.posterior(x)
+    assert torch.allclose(batch["latent_mean"], mean, atol=2e-3, rtol=2e-3)
+    assert torch.allclose(batch["latent_std"], std, atol=2e-3, rtol=2e-3)
+    assert batch["label"].tolist() == [images.samples[int(i)][1] for i in index]
+
+    # a method trains on them, with the VAE only decoding
+    cfg = ["data.dataset=latents", f"data.root={out}", f"data.vae={vae.source}", "data.num_classes=6",
+           "model.patch=1", "train.batch_size=4"]
+    contract.check_training_step("sit", cfg)
+    for missing in ("", "data.vae=builtin"):
+        with pytest.raises(ConfigError, match=f"needs data.vae.*data.vae={vae.source}"):
+            contract.check_builds("sit", ["data.dataset=latents", f"data.root={out}", *([missing] if missing else [])])
+
+    (out / "shard_00001.mean.npy").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="shard_00001.mean.npy is missing or corrupt"):
+        LatentShards(out)
+
+
+def zoo(*args):
+    return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_prepare_latents_and_export_vae_commands(tmp_path):
+    from zoo.trainer import Trainer
+
+    images = write_image_folder(tmp_path / "images", n=4)
+    out = zoo("prepare", "latents", "--vae", "builtin", "--preset", "micro", "--images", str(images), "--out",
+              str(tmp_path / "latents"), "--image-size", "32")
+    assert out.returncode == 0, out.stderr
+    assert "data.dataset=latents" in out.stdout and (tmp_path / "latents" / "meta.json").exists()
+
+    run = tmp_path / "run"
+    Trainer(load_config("repa_e", [*MICRO, "train.steps=2", "sample.num=0"]), run_dir=run, progress=False).fit()
+    out = zoo("export-vae", "--ckpt", str(run), "--out", str(tmp_path / "tuned"))
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert len(config["latents_mean"]) == len(config["latents_std"]) == 4
+    sit_run = tmp_path / "sit"
+    Trainer(load_config("sit", [*MICRO, "train.steps=1", "sample.num=0"]), run_dir=sit_run, progress=False).fit()
+    out = zoo("export-vae", "--ckpt", str(sit_run), "--out", str(tmp_path / "none"))
+    assert out.returncode == 2 and "does not tune a VAE" in out.stderr
+
+
+def test_lpips_from_local_files_is_zero_on_equal_images_and_grows_with_noise(tmp_path):
+    from torchvision.models import vgg16
+
+    from zoo.lpips import CHANNELS, load_lpips
+
+    with pytest.raises(MissingWeightsError, match="(?s)vgg16-397923af.pth.*curl"):
+        load_lpips(tmp_path)
+    torch.manual_seed(0)
+    torch.save(vgg16(weights=None).state_dict(), tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(CHANNELS)}, tmp_path / "vgg.pth")
+    lpips = load_lpips(tmp_path)
+    assert not any(p.requires_grad for p in lpips.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    near, far = x + 0.05 * torch.randn_like(x), x + 0.5 * torch.randn_like(x)
+    d0, d1, d2 = lpips(x, x), lpips(near, x), lpips(far, x)
+    assert d0.shape == (2,) and torch.allclose(d0, torch.zeros(2)) and (d1 > 0).all() and (d2 > d1).all()
+    vgg = torch.load(tmp_path / "vgg16-397923af.pth")
+    assert torch.equal(lpips.slices[2][1].weight, vgg["features.10.weight"])  # slice 2: pool 9, conv 10, ...
