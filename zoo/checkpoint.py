@@ -78,6 +78,22 @@ def load_checkpoint(path) -> dict:
     return state
 
 
+def load_artifact(path, fmt: str, what: str, make: str) -> dict:
+    """A dict saved with `atomic_save` and tagged `format: fmt` (a judge, a teacher), or a CheckpointError that
+    says what is wrong and how to make the file again (`make`, a command)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} {path} do not exist (train them with `{make}`)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{what} {path} are corrupt ({type(exc).__name__}); delete the file and run "
+                              f"`{make}` again") from None
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise CheckpointError(f"{path} is not a repa-zoo {what.split()[0]} (expected format {fmt!r})")
+    return state
+
+
 def load_model_weights(model: torch.nn.Module, weights: dict, path: str) -> None:
     try:
         model.load_state_dict(weights)

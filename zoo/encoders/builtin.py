@@ -39,10 +39,10 @@ from torch import Tensor, nn
 
 from zoo.backbones.layers import sincos_pos_embed_2d
 from zoo.cache import cache_dir, fingerprint
-from zoo.checkpoint import atomic_save
+from zoo.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, shapes_split, training_images
 from zoo.encoders import Encoder, register_encoder, resize_images
-from zoo.errors import CheckpointError, ConfigError, DataError
+from zoo.errors import ConfigError, DataError
 
 TEACHER_FORMAT = "repa-zoo-teacher/2"
 
@@ -211,16 +211,7 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
 
 def load_teacher(path) -> tuple:
     """(TeacherViT in eval mode, its saved record without the weights)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"teacher weights {path} do not exist (train them with `zoo prepare teacher`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"teacher weights {path} are corrupt ({type(exc).__name__}); delete the file "
-                              f"and run `zoo prepare teacher` again") from None
-    if not isinstance(state, dict) or state.get("format") != TEACHER_FORMAT:
-        raise CheckpointError(f"{path} is not a repa-zoo teacher (expected format {TEACHER_FORMAT!r})")
+    state = load_artifact(path, TEACHER_FORMAT, "teacher weights", "zoo prepare teacher")
     net = TeacherViT(**state["shape"])
     net.load_state_dict(state.pop("weights"))
     return net.eval().requires_grad_(False), state

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.cache import cache_dir, fingerprint
-from zoo.checkpoint import atomic_save
+from zoo.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, training_images
-from zoo.errors import CheckpointError, DataError
+from zoo.errors import DataError
 
 JUDGE_FORMAT = "repa-zoo-judge/1"
 
@@ -150,15 +150,7 @@ def train_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), path=None, progre
 
 def load_judge(path) -> tuple:
     """(JudgeNet in eval mode, its saved record without the weights)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"judge weights {path} do not exist (train them with `zoo prepare judge`)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"judge weights {path} are corrupt ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != JUDGE_FORMAT:
-        raise CheckpointError(f"{path} is not a repa-zoo judge (expected format {JUDGE_FORMAT!r})")
+    state = load_artifact(path, JUDGE_FORMAT, "judge weights", "zoo prepare judge")
     recipe = state["recipe"]
     net = JudgeNet(state["num_classes"], recipe["stem"], tuple(recipe["widths"]), recipe["blocks"])
     net.load_state_dict(state.pop("weights"))
