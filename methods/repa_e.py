@@ -23,7 +23,7 @@ from methods.repa import REPA, REPAConfig, repa_loss
 from zoo.errors import ConfigError
 from zoo.method import Phase, Term
 from zoo.registry import register
-from zoo.vae import VAE, kl_to_standard_normal, latent_shape, load_vae, vae_architecture
+from zoo.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
 
 
 @dataclass

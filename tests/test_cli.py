@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 MICRO = ["preset=micro", "train.device=cpu"]
 

@@ -13,7 +13,7 @@ Hooks, in the order the trainer and sampler call them (see docs/architecture.md)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch

@@ -1,7 +1,6 @@
 """Sampling from a trained model: rebuild it from a checkpoint, generate seeded, class-labelled images."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

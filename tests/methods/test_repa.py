@@ -1,7 +1,6 @@
 """REPA: its loss is the paper's equation, it changes nothing when lambda = 0, and the teacher stays frozen."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from methods.repa import repa_loss
 from zoo.alignment import negative_cosine, projector

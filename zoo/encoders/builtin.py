@@ -27,7 +27,6 @@ beside the same probe on a randomly initialised copy: with the default recipe (4
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
