@@ -10,7 +10,6 @@ way, so a tuned VAE (REPA-E) exports to the format every other tool reads.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from zoo.cache import cache_dir, fingerprint
 from zoo.config import to_dict
 from zoo.data import data_identity, gather, training_images
 from zoo.errors import CheckpointError, ConfigError, MissingWeightsError
+from zoo.schedule import warmup_cosine
 
 SD_VAE_FETCH = "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir {path}"
 
@@ -155,8 +155,8 @@ def kl_to_standard_normal(mean: Tensor, std: Tensor) -> Tensor:
 def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     """L1 reconstruction + kl_weight * KL, AdamW with warm-up and cosine decay; then the latent scale.
 
-    No LPIPS or GAN: on 32x32 procedural images L1 alone reconstructs them closely, and the perceptual
-    network LPIPS needs (VGG) cannot be downloaded here. The scale written into the folder's config is
+    No LPIPS or GAN: the perceptual network LPIPS needs (VGG) cannot be downloaded here, and this VAE only
+    has to make latent diffusion run anywhere (the default recipe reconstructs at about 15 dB PSNR). The scale written into the folder's config is
     1 / std of the posterior means of the training images, so diffusion states have unit variance.
     """
     from tqdm import tqdm
@@ -166,12 +166,11 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     torch.manual_seed(r.seed)
     net = builtin_autoencoder(r)
     opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=0.0)
-    warmup, gen, start = max(1, r.steps // 20), torch.Generator().manual_seed(r.seed), time.perf_counter()
+    gen, start = torch.Generator().manual_seed(r.seed), time.perf_counter()
     bar = tqdm(range(r.steps), desc="vae", unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     for step in bar:
-        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, r.steps - warmup)))
         for group in opt.param_groups:
-            group["lr"] = r.lr * scale
+            group["lr"] = r.lr * warmup_cosine(step, r.steps)
         index = torch.randint(len(dataset), (r.batch_size,), generator=gen)
         images = gather(dataset, index, torch.rand(r.batch_size, generator=gen) < 0.5)["image"]
         dist = net.encode(images).latent_dist
@@ -188,7 +187,7 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     with torch.no_grad():
         probe = gather(dataset, torch.arange(min(len(dataset), 1000)), torch.zeros(min(len(dataset), 1000), dtype=torch.bool))
         means = torch.cat([net.encode(x).latent_dist.mean for x in probe["image"].split(250)])
-        recon = torch.cat([net.decode(net.encode(x).latent_dist.mean).sample for x in probe["image"].split(250)])
+        recon = torch.cat([net.decode(m).sample for m in means.split(250)])
     net.register_to_config(scaling_factor=float(1.0 / means.std()), shift_factor=float(means.mean()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

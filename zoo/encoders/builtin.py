@@ -42,6 +42,7 @@ from zoo.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, shapes_split, training_images
 from zoo.encoders import Encoder, register_encoder, resize_images
 from zoo.errors import ConfigError, DataError
+from zoo.schedule import warmup_cosine
 
 TEACHER_FORMAT = "repa-zoo-teacher/2"
 
@@ -180,15 +181,14 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
     head = expander(recipe["width"], recipe["expander"])
     params = [*net.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
-    steps, warmup = recipe["steps"], max(1, recipe["steps"] // 20)
+    steps = recipe["steps"]
     gen = torch.Generator().manual_seed(recipe["seed"])
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="teacher", unit="step", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     net.train(), head.train()
     for step in bar:
-        lr = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for group in opt.param_groups:
-            group["lr"] = recipe["lr"] * lr
+            group["lr"] = recipe["lr"] * warmup_cosine(step, steps)
         index = torch.randint(len(dataset), (recipe["batch_size"],), generator=gen)
         images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
         views = augment(torch.cat([images, images]), gen)

@@ -18,7 +18,6 @@ and evaluation trains it on first use.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch import nn
 from zoo.cache import cache_dir, fingerprint
 from zoo.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, training_images
+from zoo.schedule import warmup_cosine
 from zoo.errors import DataError
 
 JUDGE_FORMAT = "repa-zoo-judge/1"
@@ -115,12 +115,6 @@ def train_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), path=None, progre
     torch.manual_seed(recipe.seed)
     net = JudgeNet(data_cfg.num_classes, recipe.stem, recipe.widths, recipe.blocks)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    warmup = max(1, recipe.steps // 20)
-
-    def lr_at(step):  # linear warm-up, then cosine to zero
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, recipe.steps - warmup)))
 
     gen = torch.Generator().manual_seed(recipe.seed)
     start = time.perf_counter()
@@ -131,7 +125,7 @@ def train_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), path=None, progre
         flip = torch.rand(recipe.batch_size, generator=gen) < 0.5  # every class is mirror-symmetric in distribution
         batch = gather(dataset, index, flip)
         for group in opt.param_groups:
-            group["lr"] = recipe.lr * lr_at(step)
+            group["lr"] = recipe.lr * warmup_cosine(step, recipe.steps)
         loss = F.cross_entropy(net(batch["image"])[1], batch["label"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
