@@ -52,7 +52,7 @@ def resize_images(images: Tensor, size: int, mode: str) -> Tensor:
 
 
 class Encoder(nn.Module):
-    """A frozen teacher. Subclasses set `dim` and `patch` and implement `preprocess` and `patch_tokens`.
+    """A frozen teacher. Subclasses set `name` and `dim` and implement `preprocess` and `patch_tokens`.
 
     `forward(images)` takes images in [-1, 1] at any resolution and returns [B, grid*grid, dim].
     """

@@ -9,15 +9,14 @@ resolution, grid) and of the dataset, written atomically, and rebuilt only when 
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from zoo.cache import cache_dir, fingerprint
+from zoo.checkpoint import atomic_write
 from zoo.data import InMemoryImages, data_identity, gather
 from zoo.errors import DataError
 
@@ -83,14 +82,7 @@ def load_or_build(encoder, data_cfg, dataset, progress: bool = True) -> FeatureC
         print(f"precomputing {encoder.name} tokens of {len(dataset)} images x 2 flips once; cached at {path}",
               file=sys.stderr)
         tokens = compute_tokens(encoder, dataset, progress=progress)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, tokens)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda f: np.save(f, tokens))
     cache = FeatureCache(path)
     if len(cache) != len(dataset):
         raise DataError(f"feature cache {path} holds {len(cache)} images but the dataset has {len(dataset)}; "
