@@ -63,6 +63,15 @@ def test_train_resume_and_sample(tmp_path):
               "--cfg-interval", "0", "0.7", "--out", str(grid))
     assert out.returncode == 0, out.stderr
     assert grid.exists() and grid.stat().st_size > 0
+    out = zoo("sample", "--ckpt", str(run), "--share", "uniform:2", "--out", str(grid))
+    assert out.returncode == 2 and "--share: not a sampling option of method 'sit'" in out.stderr
+
+
+def test_sample_help_lists_the_methods_sampling_flags():
+    out = zoo("sample", "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--ckpt", "--share", "--rg", "--rg-interval"):
+        assert flag in out.stdout, flag
 
 
 def test_bench_reports_speed_and_memory():

@@ -90,9 +90,9 @@ def cmd_sample(argv: list[str]) -> int:
     import torch
 
     from zoo.images import save_grid
-    from zoo.registry import get_method_class
+    from zoo.commands.eval import add_method_sampling_args, method_option_values
+    from zoo.eval.evaluate import method_options
     from zoo.sampling import class_grid_labels, generate, load_for_sampling
-    from zoo.checkpoint import load_checkpoint
 
     p = argparse.ArgumentParser(prog="zoo sample", description="sample a grid of images from a checkpoint")
     p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run folder (its latest checkpoint)")
@@ -108,15 +108,13 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="grid.png")
-    known, _ = p.parse_known_args(argv)
-    cfg_method = load_checkpoint(known.ckpt)["config"]["method"]
-    for opt in get_method_class(cfg_method).sampling_options():
-        p.add_argument(opt.flag, type=opt.type, default=opt.default, help=opt.help, nargs=opt.nargs)
+    add_method_sampling_args(p)  # every method's flags, so that --help lists them; the checkpoint's method checks them
     args = p.parse_args(argv)
 
     from zoo.distributed import pick_device
     device = pick_device(args.device)
     method, model, cfg, _ = load_for_sampling(args.ckpt, device, use_ema=not args.no_ema)
+    options = method_options(cfg.method, method_option_values(args))
     s = cfg.sample
     n_classes = method.data.num_classes
     if args.label is not None:
@@ -125,8 +123,6 @@ def cmd_sample(argv: list[str]) -> int:
         labels = torch.full((args.num,), args.label, dtype=torch.long)
     else:
         labels = class_grid_labels(args.num, n_classes)
-    options = {o.flag.lstrip("-").replace("-", "_"): getattr(args, o.flag.lstrip("-").replace("-", "_"))
-               for o in method.sampling_options()}
     images = generate(method, model, labels, sampler=args.sampler or s.sampler, solver=args.solver or s.solver,
                       steps=args.steps or s.steps, cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
                       cfg_interval=tuple(args.cfg_interval or s.cfg_interval),
