@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from zoo import registry
-from zoo.compare import Comparison, run_comparison
+from zoo.compare import Comparison, record_name, run_comparison
 from zoo.compare_report import cell, steps_to_reach
 from zoo.errors import ConfigError
-from zoo.eval.evaluate import PROTOCOL
+from zoo.eval.evaluate import PROTOCOL, Evaluator
 from zoo.method import Method
 
 
@@ -135,3 +135,16 @@ def test_parallel_jobs_give_the_same_numbers_as_one_at_a_time(tmp_path, tiny_jud
     for k in a:  # the children may use another number of threads, so allow for rounding
         assert b[k]["metrics"] == pytest.approx(a[k]["metrics"], rel=1e-3, abs=1e-6)
     assert (tmp_path / "two" / "runs" / "sit-seed1" / "compare.log").exists()
+
+
+def test_progress_counts_only_the_comparisons_own_records(tmp_path, tiny_judge, zoo_cache):
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit"])
+    comp.steps, comp.seeds = 2, [0]
+    run_comparison(comp)
+    run_dir = tmp_path / "cmp" / "runs" / "sit-seed0"
+    (run_dir / "eval" / "step_0000002-judge-0123456789.json").write_text("{}")  # e.g. a zoo eval --share record
+    from zoo.compare import run_config
+    pattern = record_name(Evaluator(comp.settings, device="cpu"), run_config(comp, "sit", 0), run_dir)
+    assert [p.name for p in (run_dir / "eval").glob(pattern)] == [
+        p.name for p in (run_dir / "eval").glob("step_*.json") if "0123456789" not in p.name]
+    assert len(list((run_dir / "eval").glob(pattern))) == 1

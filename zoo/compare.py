@@ -159,6 +159,15 @@ def evaluate_run(comp: Comparison, evaluator: Evaluator, run_dir: Path, label: s
     return records
 
 
+def record_name(evaluator: Evaluator, cfg, run_dir: Path) -> str:
+    """The glob of a run's evaluation records under this comparison's settings (other `zoo eval` records in
+    RUN/eval, e.g. with --share, are not the comparison's)."""
+    from zoo.config import to_dict
+
+    state = {"config": to_dict(cfg), "path": str(run_dir / "checkpoints" / "step_0000000.pt"), "step": 0}
+    return "step_*-" + evaluator.record_path(state).name.split("-", 1)[1]
+
+
 def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     """Train and evaluate every (method, seed), then write the report. Returns {"results": [...], "files": {...}}.
 
@@ -192,7 +201,9 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
 
         for method in comp.methods:  # build what every run of a method shares (e.g. a teacher) once, here
             prepare_method(configs[(method, comp.seeds[0])], evaluator.device)
-        run_parallel(comp, list(configs), jobs)
+        records = {run: record_name(evaluator, cfg, comp.out / "runs" / f"{run[0]}-seed{run[1]}")
+                   for run, cfg in configs.items()}
+        run_parallel(comp, list(configs), jobs, records)
     results, total = [], len(configs)
     for i, ((method, seed), cfg) in enumerate(configs.items(), 1):
         label = f"[{i}/{total}] {method} seed {seed}"

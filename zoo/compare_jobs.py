@@ -44,12 +44,14 @@ def _last_step(run_dir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def run_parallel(comp, runs: list, jobs: int, poll_seconds: float = 2.0) -> None:
+def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float = 2.0) -> None:
+    """Train and evaluate `runs` [(method, seed)], `jobs` at a time; `records[run]` globs the run's evaluation
+    records (for the progress bars)."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending, running, failed = list(runs), {}, []
     try:
-        _loop(comp, pending, running, failed, jobs, threads, poll_seconds, ctx)
+        _loop(comp, pending, running, failed, jobs, threads, records, poll_seconds, ctx)
     except BaseException:  # Ctrl-C or an error here: stop the children too (checkpoints are written atomically)
         for proc, *_ in running.values():
             proc.terminate()
@@ -59,7 +61,8 @@ def run_parallel(comp, runs: list, jobs: int, poll_seconds: float = 2.0) -> None
         raise ZooError("runs failed: " + "; ".join(failed))
 
 
-def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: int, poll_seconds: float, ctx) -> None:
+def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: int, records: dict,
+          poll_seconds: float, ctx) -> None:
     from tqdm import tqdm
 
     points = len(comp.eval_points())
@@ -76,7 +79,7 @@ def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: 
         time.sleep(poll_seconds)
         for key, (proc, run_dir, bar, slot) in list(running.items()):
             bar.n = min(_last_step(run_dir), comp.steps)
-            done = len(list((run_dir / "eval").glob("step_*.json"))) if (run_dir / "eval").exists() else 0
+            done = len(list((run_dir / "eval").glob(records[key]))) if (run_dir / "eval").exists() else 0
             bar.set_postfix_str(f"evaluated {done}/{points}", refresh=True)
             if not proc.is_alive():
                 bar.close()
