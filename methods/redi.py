@@ -170,7 +170,8 @@ class ReDi(REPA):
         return [SamplingOption("--rg", float, None, "representation guidance weight w_r (1 = none; default: "
                                "redi.rg_scale)"),
                 SamplingOption("--rg-interval", float, None, "apply RG only while LOW <= t <= HIGH (t = 1 is noise; "
-                               "default: redi.rg_interval)", nargs=2)]
+                               "default: redi.rg_interval)", nargs=2,
+                               metavar=("LOW", "HIGH"))]
 
     def representation_guidance(self, rg: Optional[float] = None, rg_interval=None) -> Guidance:
         o = self.options

@@ -73,7 +73,8 @@ class SamplingOption:
     type: type = str
     default: Any = None
     help: str = ""
-    nargs: Any = None               # argparse's nargs, e.g. 2 for an interval (LOW HIGH)
+    nargs: Any = None               # argparse's nargs, e.g. 2 for an interval
+    metavar: Any = None             # argparse's metavar, e.g. ("LOW", "HIGH") for an interval
 
     @property
     def dest(self) -> str:

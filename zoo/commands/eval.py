@@ -28,6 +28,7 @@ def add_method_sampling_args(p: argparse.ArgumentParser) -> None:
             owners.setdefault(opt.flag, [opt]).append(name)
     for flag, (opt, *names) in owners.items():
         p.add_argument(flag, dest=opt.dest, type=opt.type, default=argparse.SUPPRESS, nargs=opt.nargs,
+                       metavar=opt.metavar,
                        help=f"{opt.help} (method {', '.join(names)}; default {opt.default})")
 
 
