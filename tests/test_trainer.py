@@ -31,6 +31,16 @@ def test_resume_continues_exactly(micro_cfg, tmp_path):
         assert torch.equal(va, vb)
 
 
+def test_resume_from_an_earlier_checkpoint_logs_each_step_once(micro_cfg, tmp_path):
+    cfg = micro_cfg("sit", "train.steps=5", "train.ckpt_every=3", "train.log_every=1", "sample.num=0")
+    Trainer(cfg, run_dir=tmp_path, progress=False).fit()  # logs 1..5, checkpoints at 3 and 5
+    # as if stopped after step 5 but before its checkpoint landed: resume from step 3
+    resumed = Trainer(cfg, run_dir=tmp_path, resume=load_checkpoint(tmp_path / "checkpoints" / "step_0000003.pt"),
+                      progress=False)
+    resumed.fit()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(micro_cfg, tmp_path, monkeypatch):
     from methods.sit import SiT
 

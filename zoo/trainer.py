@@ -192,6 +192,18 @@ class Trainer:
         if self.proc.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self.trim_metrics()
+
+    def trim_metrics(self) -> None:
+        """Drop logged lines past the step training starts from: a run stopped after its last checkpoint
+        logged steps that the resumed run logs again, and the loss curves would show both."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
