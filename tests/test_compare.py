@@ -3,6 +3,7 @@ that resumes without redoing finished work, and that refuses unequal budgets."""
 import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -148,3 +149,12 @@ def test_progress_counts_only_the_comparisons_own_records(tmp_path, tiny_judge, 
     assert [p.name for p in (run_dir / "eval").glob(pattern)] == [
         p.name for p in (run_dir / "eval").glob("step_*.json") if "0123456789" not in p.name]
     assert len(list((run_dir / "eval").glob(pattern))) == 1
+
+    # a record written by `zoo eval` elsewhere holds a grid path relative to its cwd: the report finds the grid
+    record = next((run_dir / "eval").glob(pattern))
+    data = json.loads(record.read_text())
+    data["grid"] = "some/other/cwd/" + Path(data["grid"]).name
+    record.write_text(json.dumps(data))
+    (tmp_path / "cmp" / "samples_sit.png").unlink()
+    run_comparison(comp)
+    assert (tmp_path / "cmp" / "samples_sit.png").stat().st_size > 0

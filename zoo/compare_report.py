@@ -200,6 +200,8 @@ def write_report(comp, results, base_cfg, extractor_info: dict, wall_seconds: fl
     for method in comp.methods:  # the final step's grid of the first seed
         first = next(r for r in results if r.method == method)
         grid = first.records[-1].get("grid")
-        if grid and Path(grid).exists():
+        # the record may hold a path relative to where `zoo eval` ran; the grid lies beside the record
+        grid = Path(first.run_dir) / "eval" / Path(grid).name if grid else None
+        if grid and grid.exists():
             files[f"samples_{method}"] = Path(shutil.copyfile(grid, out / f"samples_{method}.png"))
     return files
