@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from zoo import registry
-from zoo.compare import Comparison, record_name, run_comparison
+from zoo.compare import Comparison, record_name, run_comparison, run_config
 from zoo.compare_report import cell, steps_to_reach
 from zoo.errors import ConfigError
 from zoo.eval.evaluate import PROTOCOL, Evaluator
@@ -144,7 +144,6 @@ def test_progress_counts_only_the_comparisons_own_records(tmp_path, tiny_judge, 
     run_comparison(comp)
     run_dir = tmp_path / "cmp" / "runs" / "sit-seed0"
     (run_dir / "eval" / "step_0000002-judge-0123456789.json").write_text("{}")  # e.g. a zoo eval --share record
-    from zoo.compare import run_config
     pattern = record_name(Evaluator(comp.settings, device="cpu"), run_config(comp, "sit", 0), run_dir)
     assert [p.name for p in (run_dir / "eval").glob(pattern)] == [
         p.name for p in (run_dir / "eval").glob("step_*.json") if "0123456789" not in p.name]

@@ -37,6 +37,8 @@ def test_resume_from_an_earlier_checkpoint_logs_each_step_once(micro_cfg, tmp_pa
     # as if stopped after step 5 but before its checkpoint landed: resume from step 3
     resumed = Trainer(cfg, run_dir=tmp_path, resume=load_checkpoint(tmp_path / "checkpoints" / "step_0000003.pt"),
                       progress=False)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # and a line half written when it stopped
     resumed.fit()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 

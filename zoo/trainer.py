@@ -201,7 +201,7 @@ class Trainer:
         if not path.exists():
             return
         lines = path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        kept = [line for line in lines if _logged_step(line) <= self.step]  # a half-written last line goes too
         if len(kept) != len(lines):
             path.write_text("".join(line + "\n" for line in kept))
 
@@ -242,3 +242,10 @@ class Trainer:
         if self.proc.is_main and self.run_dir is not None:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png")
         return last
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
