@@ -25,6 +25,23 @@ def micro_cfg():
     return make
 
 
+@pytest.fixture
+def seeded_loss():
+    """Run `method.loss_terms` under a seed, then redraw its t and eps under the same seed, so a test can
+    transcribe the loss on the very same noisy input: returns (terms, t, x, x_t)."""
+    from zoo.method import TrainContext
+
+    def run(method, model, batch, seed=3):
+        torch.manual_seed(seed)
+        terms = method.loss_terms(model, batch, TrainContext(0, None))
+        torch.manual_seed(seed)  # the same draws: t, then eps
+        t = method.sample_time(len(batch["label"]), "cpu")
+        x = batch["image"]
+        return terms, t, x, method.path.interpolate(x, torch.randn_like(x), t)
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_judge(tmp_path_factory):
     """A small judge trained for a few dozen steps on the micro preset's data (never the full recipe)."""

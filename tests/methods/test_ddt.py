@@ -14,7 +14,6 @@ from zoo.backbones.layers import Block, FinalLayer, unpatchify
 from zoo.backbones.sit import count_parameters
 from zoo.errors import ConfigError
 from zoo.guidance import Guidance
-from zoo.method import TrainContext
 from zoo.samplers import build_sampler
 from zoo.sampling import build_method, generate
 
@@ -152,7 +151,7 @@ def test_presets_follow_the_paper():
 
 
 # ---------------------------------------------------------------- training: REPA on the encoder
-def test_repa_aligns_the_chosen_encoder_block(micro_cfg):
+def test_repa_aligns_the_chosen_encoder_block(micro_cfg, seeded_loss):
     from zoo.data import BatchLoader, build_dataset
 
     cfg = micro_cfg("ddt", "ddt.feature_cache=never", "model.class_dropout=0")
@@ -160,12 +159,7 @@ def test_repa_aligns_the_chosen_encoder_block(micro_cfg):
     method.setup("cpu")
     model = method.build_model()
     batch = next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
-    torch.manual_seed(3)
-    terms = method.loss_terms(model, batch, TrainContext(0, None))
-    torch.manual_seed(3)  # the same draws: t, then eps
-    t = method.sample_time(len(batch["label"]), "cpu")
-    x = batch["image"]
-    x_t = method.path.interpolate(x, torch.randn_like(x), t)
+    terms, t, x, x_t = seeded_loss(method, model, batch)
     bb = model.backbone
     h = bb.encoder_blocks[0](bb.s_embedder(x_t) + bb.pos_embed, bb.t_embedder(t) + bb.y_embedder(batch["label"]),
                              bb.rope)

@@ -44,18 +44,13 @@ def test_alignment_is_computed_in_fp32_under_bf16_autocast():
     assert torch.allclose(loss, negative_cosine(a.bfloat16().float(), b))
 
 
-def test_method_loss_uses_block_k_of_the_noisy_input_and_each_encoders_tokens(micro_cfg):
+def test_method_loss_uses_block_k_of_the_noisy_input_and_each_encoders_tokens(micro_cfg, seeded_loss):
     cfg = micro_cfg("repa", "repa.encoder=builtin,builtin", "repa.feature_cache=never", "model.class_dropout=0")
     method = build_method(cfg)
     method.setup("cpu")
     model = method.build_model()
     batch = next(iter_batches(cfg))
-    torch.manual_seed(3)
-    terms = method.loss_terms(model, batch, TrainContext(0, None))
-    torch.manual_seed(3)  # the same draws: t, then eps
-    t = torch.rand(len(batch["label"]))
-    x = batch["image"]
-    x_t = method.path.interpolate(x, torch.randn_like(x), t)
+    terms, t, x, x_t = seeded_loss(method, model, batch)
     hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(1,)).hidden[1]
     targets = [encoder(x) for encoder in method.encoders]
     assert len(targets) == 2 and targets[0].shape == (len(x), 64, cfg.teacher.width)

@@ -197,7 +197,7 @@ def iter_batches(cfg):
     return BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0)
 
 
-def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers_grid(micro_cfg):
+def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers_grid(micro_cfg, seeded_loss):
     cfg = micro_cfg("urepa", "urepa.feature_cache=never", "model.class_dropout=0")
     method = build_method(cfg)
     method.setup("cpu")
@@ -208,12 +208,7 @@ def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     batch = next(iter_batches(cfg))
-    torch.manual_seed(3)
-    terms = method.loss_terms(model, batch, TrainContext(0, None))
-    torch.manual_seed(3)  # the same draws: t, then eps
-    t = torch.rand(len(batch["label"]))
-    x = batch["image"]
-    x_t = method.path.interpolate(x, torch.randn_like(x), t)
+    terms, t, x, x_t = seeded_loss(method, model, batch)
     hidden = backbone(x_t, t, batch["label"], hidden_layers=(2,)).hidden[2]
     assert hidden.shape[1] == 16  # the 4x4 middle stage
     y = method.encoders[0](x)
