@@ -188,8 +188,8 @@ class ReDi(REPA):
         def model_fn(x, t, y):
             return backbone(x, t, y).velocity
 
-        def field(x, t, step):
-            return guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep)
+        def field(x, t, step, guide_at=None):
+            return guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep, guide_at)
 
         return field
 
@@ -221,7 +221,7 @@ def without_features(state: Tensor, channels: int) -> Tensor:
 
 
 def guided_velocity(model_fn: Callable, x: Tensor, t: Tensor, y: Tensor, null_label: int, channels: int,
-                    cfg: Guidance, rg: Guidance) -> Tensor:
+                    cfg: Guidance, rg: Guidance, guide_at: Optional[Tensor] = None) -> Tensor:
     """The joint velocity with CFG and representation guidance on the image channels, each inside its interval.
 
     With v(x, r, y) the model on the joint state, v(x, -, y) on the state with the features zeroed and
@@ -235,7 +235,8 @@ def guided_velocity(model_fn: Callable, x: Tensor, t: Tensor, y: Tensor, null_la
     and the feature part is always v(x, r, y)'s (the feature-dropped passes were trained without a feature
     loss). All passes of a step run as one batch.
     """
-    use_cfg, use_rg = cfg.active(t), rg.active(t)
+    when = t if guide_at is None else guide_at
+    use_cfg, use_rg = cfg.active(when), rg.active(when)
     if not (use_cfg or use_rg):
         return model_fn(x, t, y)
     bare, null = without_features(x, channels), torch.full_like(y, null_label)

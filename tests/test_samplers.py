@@ -22,7 +22,7 @@ def exact_field(path, mu=MU, s=STD):
         t = t[:, None]
         return path.alpha(t), path.sigma(t), path.d_alpha(t), path.d_sigma(t)
 
-    def velocity(x, t, step=0):
+    def velocity(x, t, step=0, guide_at=None):  # a field without guidance ignores guide_at
         a, b, da, db = coeffs(t)
         return da * mu + (a * da * s ** 2 + b * db) / (a ** 2 * s ** 2 + b ** 2) * (x - a * mu)
 
@@ -77,7 +77,7 @@ def test_time_grid():
 def test_build_sampler_errors_name_the_valid_choices():
     with pytest.raises(ConfigError, match="ode, sde"):
         build_sampler("ddim", 10)
-    with pytest.raises(ConfigError, match="euler, heun, dopri5"):
+    with pytest.raises(ConfigError, match="euler, heun, heun_trapezoid, dopri5"):
         build_sampler("ode", 10, "rk4")
 
 

@@ -17,7 +17,10 @@ import torch
 
 from zoo.errors import CheckpointError
 
-FORMAT = "repa-zoo/1"
+FORMAT = "repa-zoo/2"
+# Format 1 (before the official time embedding options and position table): its models cannot be rebuilt.
+OLD_FORMATS = {"repa-zoo/1": "its backbone's position table has the rows and columns swapped against this version's "
+                             "(which follows the official SiT/REPA table) and its DDT differs from the released one"}
 CKPT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 
@@ -74,6 +77,9 @@ def load_checkpoint(path) -> dict:
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a repa-zoo checkpoint "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    if isinstance(state, dict) and state.get("format") in OLD_FORMATS:
+        raise CheckpointError(f"checkpoint {path} was written by an older repa-zoo (format {state['format']!r}, this "
+                              f"version reads {FORMAT!r}): {OLD_FORMATS[state['format']]}; train it again")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a repa-zoo checkpoint (expected format {FORMAT!r})")
     missing = [k for k in ("config", "model", "ema", "step") if k not in state]

@@ -89,6 +89,7 @@ def cmd_train(args) -> int:
 def cmd_sample(argv: list[str]) -> int:
     import torch
 
+    from zoo.config import ODE_SOLVER_NAMES
     from zoo.images import save_grid
     from zoo.commands.eval import add_method_sampling_args, method_option_values
     from zoo.eval.evaluate import method_options
@@ -98,7 +99,7 @@ def cmd_sample(argv: list[str]) -> int:
     p.add_argument("--ckpt", required=True, help="a checkpoint file, or a run folder (its latest checkpoint)")
     p.add_argument("--num", type=int, default=64, help="number of images (one row per class)")
     p.add_argument("--sampler", choices=["ode", "sde"], default=None)
-    p.add_argument("--solver", choices=["euler", "heun", "dopri5"], default=None, help="ODE solver")
+    p.add_argument("--solver", choices=ODE_SOLVER_NAMES, default=None, help="ODE solver")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)
@@ -127,7 +128,7 @@ def cmd_sample(argv: list[str]) -> int:
                       steps=args.steps or s.steps, cfg_scale=s.cfg_scale if args.cfg is None else args.cfg,
                       cfg_interval=tuple(args.cfg_interval or s.cfg_interval),
                       seed=s.seed if args.seed is None else args.seed, batch_size=args.batch_size, device=device,
-                      **options)
+                      last_step=s.last_step, **options)
     per_row = args.num if args.label is not None else max(1, args.num // n_classes)
     path = save_grid(images, args.out, nrow=min(per_row, 16), scale=2 if images.shape[-1] <= 64 else 1)
     print(f"wrote {len(images)} samples to {path}")

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from zoo.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ODE_SOLVER_NAMES = ("euler", "heun", "heun_trapezoid", "dopri5")   # sample.solver (zoo/samplers.py)
 PRESET_DIR = CONFIG_DIR / "presets"
 
 
@@ -35,10 +36,21 @@ class ModelConfig:
     heads: int = 0
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1  # label dropout that trains the unconditional model for CFG
-    norm: str = "layernorm"     # layernorm | rmsnorm
+    norm: str = "layernorm"     # the blocks' norms: layernorm | rmsnorm
+    norm_affine: bool = False   # a learned scale in the blocks' norms (DDT's RMSNorm has one)
+    final_norm: str = ""        # the final layer's norm: "" (= norm) | layernorm | rmsnorm
     mlp: str = "gelu"           # gelu | swiglu
     qk_norm: bool = False
-    rope: bool = False
+    qkv_bias: bool = True       # biases of the attention's qkv projection
+    mlp_bias: bool = True       # biases of the MLP's linears
+    rope: bool = False          # 2D rotary positions in attention
+    rope_extent: float = 0.0    # 0: integer RoPE positions; > 0: the grid spread over [0, extent] (DDT: 16)
+    pos_embed: str = "sincos"   # absolute positions added to the tokens: sincos | none (DDT)
+    init: str = "dit"           # dit (xavier, zeroed adaLN) | ddt (PyTorch's defaults inside the blocks)
+    time_scale: float = 1000.0  # the sinusoid embeds time_scale * t: 1000 on the CPU presets, 1 in SiT/REPA/DDT
+    time_max_period: float = 10000.0  # longest period of the sinusoid (DDT: 10)
+    time_convention: str = "noise"    # noise: the network sees the zoo's t (1 = noise) | data: it sees 1 - t and
+                                      # predicts the velocity towards data (SiT's and DDT's code), negated
 
 
 @dataclass
@@ -93,8 +105,9 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     sampler: str = "ode"        # ode | sde
-    solver: str = "euler"       # euler | heun | dopri5 (ode only)
+    solver: str = "euler"       # euler | heun (REPA's) | heun_trapezoid | dopri5 (ode only)
     steps: int = 32
+    last_step: float = 0.0      # ode: 0 = a uniform grid; > 0 = uniform to last_step, then one step to 0 (DDT: 0.04)
     cfg_scale: float = 1.0
     cfg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])
     num: int = 64               # images in the grids written during training

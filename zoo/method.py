@@ -242,8 +242,8 @@ class Method:
         def model_fn(x, t, y):
             return backbone(x, t, y).velocity
 
-        def field(x, t, step):
-            return guided(model_fn, x, t, labels, backbone.null_label, guidance)
+        def field(x, t, step, guide_at=None):
+            return guided(model_fn, x, t, labels, backbone.null_label, guidance, guide_at)
 
         return field
 

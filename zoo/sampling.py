@@ -38,7 +38,7 @@ def class_grid_labels(num: int, num_classes: int) -> torch.Tensor:
 
 def iter_generate(method: Method, model: ZooModel, labels: torch.Tensor, *, sampler: str = "ode",
                   solver: str = "euler", steps: int = 32, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
-                  seed: int = 0, batch_size: int = 256, device=None, **options):
+                  seed: int = 0, batch_size: int = 256, device=None, last_step: float = 0.0, **options):
     """Images in [-1, 1] for `labels`, yielded one chunk of `batch_size` at a time (on the CPU).
 
     Each chunk draws its noise from its own generator seeded by (seed, chunk), and the caller's RNG
@@ -46,7 +46,7 @@ def iter_generate(method: Method, model: ZooModel, labels: torch.Tensor, *, samp
     lets long runs (50k samples for an .npz, an evaluation) show progress and keep only uint8 copies.
     """
     device = device or next(model.parameters()).device
-    integrator = build_sampler(sampler, steps, solver)
+    integrator = build_sampler(sampler, steps, solver, last_step)
     guidance = Guidance(cfg_scale, *cfg_interval)
     forked = [device] if torch.device(device).type == "cuda" else []
     for i, chunk in enumerate(labels.split(batch_size)):
@@ -64,6 +64,7 @@ def generate(method: Method, model: ZooModel, labels: torch.Tensor, **kwargs) ->
 
 def generate_from_config(method: Method, model: ZooModel, labels: torch.Tensor, sample_cfg, **overrides) -> torch.Tensor:
     kwargs = dict(sampler=sample_cfg.sampler, solver=sample_cfg.solver, steps=sample_cfg.steps,
-                  cfg_scale=sample_cfg.cfg_scale, cfg_interval=tuple(sample_cfg.cfg_interval), seed=sample_cfg.seed)
+                  cfg_scale=sample_cfg.cfg_scale, cfg_interval=tuple(sample_cfg.cfg_interval), seed=sample_cfg.seed,
+                  last_step=sample_cfg.last_step)
     kwargs.update(overrides)
     return generate(method, model, labels, **kwargs)

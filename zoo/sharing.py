@@ -147,9 +147,9 @@ class SharedConditionField:
         self._z = self._z_labels = None
         self._step = 0
 
-    def __call__(self, x: Tensor, t: Tensor, step: int) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, step: int, guide_at: Optional[Tensor] = None) -> Tensor:
         self._step = step
-        return guided(self._velocity, x, t, self.labels, self.backbone.null_label, self.guidance)
+        return guided(self._velocity, x, t, self.labels, self.backbone.null_label, self.guidance, guide_at)
 
     def _velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         z = None if self._step in self.schedule else self._cached(y)

@@ -45,7 +45,7 @@ def micro_ddt(micro_cfg, *overrides):
 def test_encoder_output_is_silu_of_time_plus_encoder_tokens_and_forward_is_encode_then_decode():
     model = small_ddt()
     x, t, y = torch.randn(3, 3, 16, 16), torch.rand(3), torch.tensor([0, 4, 5])
-    t_emb = model.t_embedder(t)
+    t_emb = model.t_embedder(1 - t)  # the released DDT's network sees t = 1 as data
     c = t_emb + model.y_embedder(y)
     tokens = model.s_embedder(x) + model.pos_embed
     for block in model.encoder_blocks:
@@ -84,8 +84,9 @@ def test_decoder_blocks_are_modulated_per_token_by_z():
 
 def dit_stack(model):
     """The decoder's blocks and final layer as plain class/time-conditioned DiT modules with the same weights."""
-    blocks = torch.nn.ModuleList(Block(32, 2, norm="rmsnorm", mlp="swiglu", qk_norm=True) for _ in model.decoder_blocks)
-    final = FinalLayer(32, model.patch, model.out_channels, norm="rmsnorm")
+    blocks = torch.nn.ModuleList(Block(32, 2, norm="rmsnorm", mlp="swiglu", qk_norm=True, norm_affine=True,
+                                       qkv_bias=False, mlp_bias=False) for _ in model.decoder_blocks)
+    final = FinalLayer(32, model.patch, model.out_channels, norm="layernorm")
     blocks.load_state_dict(model.decoder_blocks.state_dict())  # same layout: SiLU/Identity hold no weights
     final.load_state_dict(model.final_layer.state_dict())
     return blocks, final
@@ -98,14 +99,14 @@ def test_without_token_information_the_decoder_is_a_class_time_conditioned_dit(e
     model = small_ddt()
     blocks, final = dit_stack(model)
     x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 3])
-    t_emb = model.t_embedder(t)
+    t_emb = model.t_embedder(1 - t)
     c = t_emb if encoder_output == "zero" else t_emb + model.y_embedder(y)   # [B, C], per sample
     h = torch.zeros(2, 16, 32) if encoder_output == "zero" else model.y_embedder(y)[:, None].expand(2, 16, 32)
     v = model.decode_velocity(x, t, F.silu(t_emb[:, None] + h))
     tokens = model.x_embedder(x) + model.pos_embed
     for block in blocks:
         tokens = block(tokens, c, model.rope)
-    expected = unpatchify(final(tokens, c), model.patch, model.out_channels)
+    expected = -unpatchify(final(tokens, c), model.patch, model.out_channels)  # the velocity towards data, negated
     assert torch.allclose(v, expected, atol=1e-5)
 
 
@@ -161,7 +162,7 @@ def test_repa_aligns_the_chosen_encoder_block(micro_cfg, seeded_loss):
     batch = next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
     terms, t, x, x_t = seeded_loss(method, model, batch)
     bb = model.backbone
-    h = bb.encoder_blocks[0](bb.s_embedder(x_t) + bb.pos_embed, bb.t_embedder(t) + bb.y_embedder(batch["label"]),
+    h = bb.encoder_blocks[0](bb.s_embedder(x_t) + bb.pos_embed, bb.t_embedder(1 - t) + bb.y_embedder(batch["label"]),
                              bb.rope)
     from methods.repa import repa_loss
 

@@ -10,6 +10,11 @@ is all that encoder sharing at sampling (zoo/sharing.py) needs: z of one step ca
 computation. Blocks are the zoo's shared `Block` (RMSNorm, SwiGLU, QK-norm and 2D RoPE are its switches);
 the decoder's blocks and final layer take z as it is, already through its SiLU. Blocks are numbered from 1
 across the whole stack: 1..E are the encoder's (REPA aligns one of them), E+1..E+D the decoder's.
+
+The constructor's defaults are the released DDT's: no absolute positions (2D RoPE over linspace(0, 16,
+grid) only), RMSNorm with a weight in the blocks, LayerNorm without affine in the final layer, no bias
+in attention's qkv and in SwiGLU, PyTorch's default initialisation inside the blocks, and t = 1 as data
+with the time embedded at periods up to 10 (configs/ddt.yaml sets the same through `model.*`).
 """
 from __future__ import annotations
 
@@ -19,36 +24,44 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.backbones.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, RoPE2D, TimestepEmbedder,
-                                  init_dit_weights, sincos_pos_embed_2d, unpatchify)
-from zoo.backbones.sit import SIT_SIZES, BackboneOutput, check_block_numbers, count_parameters, resolve_size
+from zoo.backbones.layers import (BlockOptions, LabelEmbedder, PatchEmbed, RoPE2D, TimeEmbedding, init_weights,
+                                  position_table, unpatchify)
+from zoo.backbones.sit import (SIT_SIZES, BackboneOutput, architecture, check_block_numbers, count_parameters,
+                               resolve_size)
+
+# The released DDT's architecture (decoupled_improved_dit.py), the defaults of `DDT`.
+OFFICIAL_BLOCKS = dict(norm="rmsnorm", norm_affine=True, final_norm="layernorm", mlp="swiglu", qk_norm=True,
+                       qkv_bias=False, mlp_bias=False)
+OFFICIAL_TIME = TimeEmbedding(scale=1.0, max_period=10.0, convention="data")
 from zoo.errors import ConfigError
 
 
 class DDT(nn.Module):
     def __init__(self, *, input_size: int, in_channels: int, num_classes: int, patch: int = 2, hidden: int = 1152,
-                 encoder_depth: int = 22, decoder_depth: int = 6, heads: int = 16, mlp_ratio: float = 4.0,
-                 norm: str = "rmsnorm", mlp: str = "swiglu", qk_norm: bool = True, rope: bool = True):
+                 encoder_depth: int = 22, decoder_depth: int = 6, heads: int = 16, rope: bool = True,
+                 rope_extent: float = 16.0, pos_embed: str = "none", time: TimeEmbedding = OFFICIAL_TIME,
+                 init: str = "ddt", **block):
         super().__init__()
         if encoder_depth < 1 or decoder_depth < 1:
             raise ConfigError(f"a DDT needs at least one encoder and one decoder block, got {encoder_depth} + "
                               f"{decoder_depth}")
+        options = BlockOptions(**{**OFFICIAL_BLOCKS, **block})
         self.in_channels = self.out_channels = in_channels
         self.patch, self.num_classes, self.hidden_size = patch, num_classes, hidden
         self.encoder_depth, self.decoder_depth = encoder_depth, decoder_depth
         self.depth = encoder_depth + decoder_depth
+        self.time = time
         self.s_embedder = PatchEmbed(input_size, patch, in_channels, hidden)   # the encoder's patch embedding
         self.x_embedder = PatchEmbed(input_size, patch, in_channels, hidden)   # the decoder's own
-        self.t_embedder = TimestepEmbedder(hidden)                             # one, as in the released DDT
+        self.t_embedder = time.embedder(hidden)                                # one, as in the released DDT
         self.y_embedder = LabelEmbedder(num_classes, hidden)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.x_embedder.grid)[None], persistent=False)
-        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid) if rope else None
-        self.encoder_blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, norm, mlp, qk_norm)
-                                            for _ in range(encoder_depth))
-        self.decoder_blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, norm, mlp, qk_norm, condition_silu=False)
+        self.register_buffer("pos_embed", position_table(pos_embed, hidden, self.x_embedder.grid), persistent=False)
+        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid, extent=rope_extent) if rope else None
+        self.encoder_blocks = nn.ModuleList(options.block(hidden, heads) for _ in range(encoder_depth))
+        self.decoder_blocks = nn.ModuleList(options.block(hidden, heads, condition_silu=False)
                                             for _ in range(decoder_depth))
-        self.final_layer = FinalLayer(hidden, patch, self.out_channels, norm, condition_silu=False)
-        init_dit_weights(self)
+        self.final_layer = options.final_layer(hidden, patch, self.out_channels, condition_silu=False)
+        init_weights(self, init)
 
     @property
     def null_label(self) -> int:
@@ -61,7 +74,7 @@ class DDT(nn.Module):
     # ------------------------------------------------------------------ the split
     def _encode(self, x, t, y, wanted=frozenset(), stop_after=None, hidden=None):
         """(z, hidden): z is None when `stop_after` stops inside the encoder."""
-        t_emb = self.t_embedder(t)
+        t_emb = self.t_embedder(self.time.network_time(t))
         c = t_emb + self.y_embedder(y)
         tokens = self.s_embedder(x) + self.pos_embed.to(x.dtype)
         for k, block in enumerate(self.encoder_blocks, start=1):
@@ -81,7 +94,7 @@ class DDT(nn.Module):
                 hidden[k] = tokens
             if stop_after is not None and k >= stop_after:
                 return None
-        return unpatchify(self.final_layer(tokens, z), self.patch, self.out_channels)
+        return self.time.velocity(unpatchify(self.final_layer(tokens, z), self.patch, self.out_channels))
 
     def encode_condition(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """z = SiLU(t_emb + Enc(x_t, t, y)): the per-token self-condition [B, N, C], the part sharing reuses."""
@@ -114,13 +127,13 @@ def split_depth(model_cfg, decoder_depth: int) -> tuple[dict, int, int]:
 def build_ddt(model_cfg, *, decoder_depth: int, input_size: int, in_channels: int, num_classes: int) -> DDT:
     dims, enc, dec = split_depth(model_cfg, decoder_depth)
     return DDT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, patch=model_cfg.patch,
-               mlp_ratio=model_cfg.mlp_ratio, norm=model_cfg.norm, mlp=model_cfg.mlp, qk_norm=model_cfg.qk_norm,
-               rope=model_cfg.rope, encoder_depth=enc, decoder_depth=dec, **dims)
+               encoder_depth=enc, decoder_depth=dec, **architecture(model_cfg), **dims)
 
 
 def ddt_parameter_count(size: str = "XL", decoder_depth: int = 6, patch: int = 2, input_size: int = 32,
                         in_channels: int = 4, num_classes: int = 1000, **block_options) -> int:
-    """Parameters of a DDT whose total depth is SiT's `size` (XL: 22 + 6), counted on the meta device."""
+    """Parameters of a DDT whose total depth is SiT's `size` (XL: 22 + 6), counted on the meta device; the
+    released architecture unless `block_options` say otherwise."""
     dims = dict(SIT_SIZES[size])
     total = dims.pop("depth")
     with torch.device("meta"):

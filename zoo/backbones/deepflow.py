@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.backbones.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, RoPE2D, TimestepEmbedder,
-                                  init_dit_weights, modulate, sincos_pos_embed_2d, unpatchify)
+from zoo.backbones.layers import (BlockOptions, LabelEmbedder, PatchEmbed, RoPE2D, TimeEmbedding, init_weights,
+                                  modulate, position_table, unpatchify)
 from zoo.backbones.sit import BackboneOutput, check_block_numbers
 from zoo.errors import ConfigError
 
@@ -97,25 +97,27 @@ def check_splits(splits: Sequence[int], depth: int) -> tuple[int, ...]:
 
 class DeepFlowSiT(nn.Module):
     def __init__(self, *, input_size: int, in_channels: int, num_classes: int, splits: Sequence[int],
-                 patch: int = 2, hidden: int = 1152, depth: int = 24, heads: int = 16, mlp_ratio: float = 4.0,
-                 acc_dim: int = 2048, norm: str = "layernorm", mlp: str = "gelu", qk_norm: bool = False,
-                 rope: bool = False):
+                 patch: int = 2, hidden: int = 1152, depth: int = 24, heads: int = 16, acc_dim: int = 2048,
+                 rope: bool = False, rope_extent: float = 0.0, pos_embed: str = "sincos",
+                 time: TimeEmbedding = TimeEmbedding(), init: str = "dit", **block):
         super().__init__()
+        options = BlockOptions(**block)
         self.splits = check_splits(splits, depth)
         self.in_channels = self.out_channels = in_channels
         self.patch, self.depth, self.num_classes, self.hidden_size = patch, depth, num_classes, hidden
+        self.time = time
         self.x_embedder = PatchEmbed(input_size, patch, in_channels, hidden)
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = time.embedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden)
-        self.gap_embedder = TimestepEmbedder(2 * hidden)   # t_{i+1} - t_i, modulating the 2H-wide [h ; a]
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.x_embedder.grid)[None], persistent=False)
-        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid) if rope else None
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, norm, mlp, qk_norm) for _ in range(depth))
+        self.gap_embedder = time.embedder(2 * hidden)   # t_{i+1} - t_i, modulating the 2H-wide [h ; a]
+        self.register_buffer("pos_embed", position_table(pos_embed, hidden, self.x_embedder.grid), persistent=False)
+        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid, extent=rope_extent) if rope else None
+        self.blocks = nn.ModuleList(options.block(hidden, heads) for _ in range(depth))
         self.vera = nn.ModuleList(VeRABlock(hidden, heads, acc_dim) for _ in self.splits)
-        self.intermediate_head = FinalLayer(hidden, patch, self.out_channels, norm)  # shared by branches 1..K-1
-        self.acceleration_head = FinalLayer(hidden, patch, self.out_channels, norm)  # shared by every VeRA block
-        self.final_layer = FinalLayer(hidden, patch, self.out_channels, norm)
-        init_dit_weights(self)  # zero adaLN and zero heads: velocity and acceleration heads output 0 at init
+        self.intermediate_head = options.final_layer(hidden, patch, self.out_channels)  # shared by branches 1..K-1
+        self.acceleration_head = options.final_layer(hidden, patch, self.out_channels)  # shared by every VeRA block
+        self.final_layer = options.final_layer(hidden, patch, self.out_channels)
+        init_weights(self, init)  # zero adaLN and zero heads: velocity and acceleration heads output 0 at init
         for vera in self.vera:
             nn.init.zeros_(vera.gap_modulation[-1].weight)
             nn.init.zeros_(vera.gap_modulation[-1].bias)
@@ -143,6 +145,7 @@ class DeepFlowSiT(nn.Module):
         """
         deep = branch_times is not None
         times = [t, *branch_times] if deep else [t] * self.num_branches
+        times = [self.time.network_time(s) for s in times]
         if len(times) != self.num_branches:
             raise ValueError(f"branch_times needs {self.num_branches - 1} times (branches 2..{self.num_branches}), "
                              f"got {len(times) - 1}")
@@ -161,13 +164,13 @@ class DeepFlowSiT(nn.Module):
             if branch < len(self.splits) and k == self.splits[branch]:
                 c = conds[branch]
                 if deep:
-                    out.velocities.append(self.to_image(self.intermediate_head(tokens, c)))
+                    out.velocities.append(self.time.velocity(self.to_image(self.intermediate_head(tokens, c))))
                 a, tokens = self.vera[branch](tokens, query, self.gap_embedder(times[branch + 1] - times[branch]))
-                if deep:
+                if deep:  # d^2 x / dt^2 keeps its sign when t is reversed
                     out.accelerations.append(self.to_image(self.acceleration_head(a, c)))
                 out.refined.append(tokens)
                 branch += 1
-        out.velocity = self.to_image(self.final_layer(tokens, conds[-1]))
+        out.velocity = self.time.velocity(self.to_image(self.final_layer(tokens, conds[-1])))
         if deep:
             out.velocities.append(out.velocity)
         return out
@@ -178,8 +181,7 @@ class DeepFlowSiT(nn.Module):
 
 def build_deepflow_sit(model_cfg, *, splits: Sequence[int], acc_dim: int, input_size: int, in_channels: int,
                        num_classes: int) -> DeepFlowSiT:
-    from zoo.backbones.sit import resolve_size
+    from zoo.backbones.sit import architecture, resolve_size
 
     return DeepFlowSiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, splits=splits,
-                       acc_dim=acc_dim, patch=model_cfg.patch, mlp_ratio=model_cfg.mlp_ratio, norm=model_cfg.norm,
-                       mlp=model_cfg.mlp, qk_norm=model_cfg.qk_norm, rope=model_cfg.rope, **resolve_size(model_cfg))
+                       acc_dim=acc_dim, patch=model_cfg.patch, **architecture(model_cfg), **resolve_size(model_cfg))

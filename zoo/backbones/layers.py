@@ -1,12 +1,15 @@
 """Transformer building blocks shared by every backbone in the zoo.
 
-The block options that later methods need (RMSNorm, SwiGLU, QK-norm, 2D RoPE) are switches on
-these classes, not copies of them. Modulation tensors may be per sample ([B, C]) or per token
-([B, N, C], DDT's decoder); both broadcast the same way.
+The block options that later methods need (RMSNorm, SwiGLU, QK-norm, 2D RoPE, biases, norm weights)
+are switches on these classes, not copies of them (`BlockOptions`). Modulation tensors may be per
+sample ([B, C]) or per token ([B, N, C], DDT's decoder); both broadcast the same way. The time
+embedding (`TimeEmbedding`) and the position table follow the official code of SiT, REPA and DDT,
+so that their weights load by renaming keys (zoo/backbones/official.py).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -23,6 +26,69 @@ def as_tokens(mod: Tensor) -> Tensor:
     return mod.unsqueeze(1) if mod.dim() == 2 else mod
 
 
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+TIME_CONVENTIONS = ("noise", "data")
+POS_EMBEDS = ("sincos", "none")
+INITS = ("dit", "ddt")
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """The switches every transformer block of a backbone shares (the `model.*` block keys)."""
+    mlp_ratio: float = 4.0
+    norm: str = "layernorm"     # the blocks' two norms: layernorm | rmsnorm
+    norm_affine: bool = False   # a learned scale in the blocks' norms (DDT: RMSNorm with a weight)
+    mlp: str = "gelu"           # gelu | swiglu
+    qk_norm: bool = False
+    qkv_bias: bool = True       # DDT's attention and SwiGLU have no biases
+    mlp_bias: bool = True
+    final_norm: str = ""        # the final layer's norm (never affine); "": the blocks' `norm`
+
+    def __post_init__(self):
+        for key, value, valid in (("norm", self.norm, NORMS), ("mlp", self.mlp, MLPS),
+                                  ("final_norm", self.final_norm or self.norm, NORMS)):
+            if value not in valid:
+                raise ValueError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
+
+    def block(self, dim: int, heads: int, condition_silu: bool = True) -> "Block":
+        kwargs = {k: v for k, v in asdict(self).items() if k != "final_norm"}
+        return Block(dim, heads, condition_silu=condition_silu, **kwargs)
+
+    def final_layer(self, dim: int, patch: int, out_channels: int, condition_silu: bool = True) -> "FinalLayer":
+        return FinalLayer(dim, patch, out_channels, self.final_norm or self.norm, condition_silu)
+
+
+@dataclass(frozen=True)
+class TimeEmbedding:
+    """How a backbone sees t (the `model.time_*` keys).
+
+    The zoo's samplers and losses use t = 1 as noise. `convention="data"` is for networks written with
+    t = 1 as data (SiT's and DDT's own code): the network is fed 1 - t and predicts the velocity towards
+    the data, which the backbone negates, so official weights of such a network work unchanged.
+    The sinusoid is of `scale * t` with periods up to `max_period`: SiT, REPA and DeepFlow use 1 and
+    10000, DDT 1 and 10, DiT's diffusion steps 1000 and 10000 (the zoo's CPU presets).
+    """
+    scale: float = 1000.0
+    max_period: float = 10000.0
+    convention: str = "noise"   # noise | data
+
+    def __post_init__(self):
+        if self.convention not in TIME_CONVENTIONS:
+            raise ValueError(f"unknown time convention {self.convention!r}; valid: {', '.join(TIME_CONVENTIONS)}")
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time the network is fed."""
+        return 1 - t if self.convention == "data" else t
+
+    def velocity(self, v: Tensor) -> Tensor:
+        """The network's output as the zoo's velocity d x_t / d t (t = 1 is noise)."""
+        return -v if self.convention == "data" else v
+
+    def embedder(self, hidden: int) -> "TimestepEmbedder":
+        return TimestepEmbedder(hidden, scale=self.scale, max_period=self.max_period)
+
+
 def make_norm(kind: str, dim: int, affine: bool = False) -> nn.Module:
     if kind == "layernorm":
         return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
@@ -32,20 +98,20 @@ def make_norm(kind: str, dim: int, affine: bool = False) -> nn.Module:
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t, then a 2-layer MLP (DiT/SiT).
+    """Sinusoidal features [cos, sin] of scale * t at periods up to max_period, then a 2-layer MLP (DiT/SiT).
 
-    t in [0, 1] is scaled by 1000 before the sinusoid (DiT's range) so that the frequencies span
-    the whole unit interval; SiT feeds t unscaled, which leaves most frequencies nearly constant.
+    With scale 1 (SiT, REPA, DDT) t in [0, 1] leaves most of the 128 frequencies nearly constant; DiT's
+    scale 1000 spreads them over the unit interval (the zoo's CPU presets).
     """
 
-    def __init__(self, hidden: int, freq_dim: int = 256, scale: float = 1000.0):
+    def __init__(self, hidden: int, freq_dim: int = 256, scale: float = 1000.0, max_period: float = 10000.0):
         super().__init__()
-        self.freq_dim, self.scale = freq_dim, scale
+        self.freq_dim, self.scale, self.max_period = freq_dim, scale, max_period
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def frequencies(self, t: Tensor, max_period: float = 10000.0) -> Tensor:
+    def frequencies(self, t: Tensor) -> Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = (t.float() * self.scale)[:, None] * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -81,28 +147,47 @@ class PatchEmbed(nn.Module):
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
-    """Fixed 2D sin-cos position embedding [grid*grid, dim] (MAE/DiT)."""
+    """Fixed 2D sin-cos position embedding [grid*grid, dim] for row-major tokens (MAE/DiT/SiT/REPA).
+
+    The first dim/2 channels encode the token's column, the last dim/2 its row, each as
+    [sin(pos * omega), cos(pos * omega)] with omega = 10000^(-k / (dim/4)): the official channel order,
+    so an official `pos_embed` equals this table.
+    """
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="xy")
-    emb = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
     return torch.from_numpy(emb).float()
 
 
-class RoPE2D(nn.Module):
-    """2D rotary position embedding: half of each head's channels rotate with the row, half with the column."""
+def position_table(kind: str, dim: int, grid: int) -> Tensor:
+    """[1, grid*grid, dim]: the sin-cos table, or zeros for a backbone without absolute positions (DDT)."""
+    if kind not in POS_EMBEDS:
+        raise ValueError(f"unknown position embedding {kind!r}; valid: {', '.join(POS_EMBEDS)}")
+    return (sincos_pos_embed_2d(dim, grid) if kind == "sincos" else torch.zeros(grid * grid, dim))[None]
 
-    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0):
+
+class RoPE2D(nn.Module):
+    """2D rotary position embedding on consecutive channel pairs: pair 2i rotates with the column, pair
+    2i + 1 with the row, both at frequency theta^(-4i / head_dim) (DDT's layout).
+
+    Positions are the integers 0..grid-1, or with `extent` > 0 `grid` points spread evenly over
+    [0, extent] (DDT: `linspace(0, 16, grid)` at every resolution).
+    """
+
+    def __init__(self, head_dim: int, grid: int, theta: float = 10000.0, extent: float = 0.0):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2D RoPE needs a head dim divisible by 4, got {head_dim}")
         quarter = head_dim // 4
         freqs = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-        angles = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # [N, head_dim/2]
+        pos = torch.linspace(0, extent, grid) if extent > 0 else torch.arange(grid, dtype=torch.float32)
+        rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+        angles = torch.stack([cols.reshape(-1, 1) * freqs, rows.reshape(-1, 1) * freqs], dim=-1)
+        angles = angles.reshape(grid * grid, 2 * quarter)  # [N, head_dim/2]
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
@@ -117,12 +202,12 @@ class RoPE2D(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention through PyTorch's SDPA (flash / memory-efficient kernels on GPU)."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool = False):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, qkv_bias: bool = True):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
@@ -140,9 +225,9 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     """Linear -> GELU (tanh) -> Linear."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -151,21 +236,21 @@ class Mlp(nn.Module):
 class SwiGLU(nn.Module):
     """SiLU-gated MLP with 2/3 of the hidden width, so its size matches the GELU MLP (LightningDiT, DDT)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = True):
         super().__init__()
         hidden = int(2 * hidden / 3)
-        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden, bias=bias), nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
 
-def make_mlp(kind: str, dim: int, hidden: int) -> nn.Module:
+def make_mlp(kind: str, dim: int, hidden: int, bias: bool = True) -> nn.Module:
     if kind == "gelu":
-        return Mlp(dim, hidden)
+        return Mlp(dim, hidden, bias)
     if kind == "swiglu":
-        return SwiGLU(dim, hidden)
+        return SwiGLU(dim, hidden, bias)
     raise ValueError(f"unknown mlp {kind!r}; valid: gelu, swiglu")
 
 
@@ -182,11 +267,12 @@ class Block(nn.Module):
     """Transformer block with adaLN-Zero conditioning; `c` is [B, C] or per token [B, N, C]."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, norm: str = "layernorm",
-                 mlp: str = "gelu", qk_norm: bool = False, condition_silu: bool = True):
+                 mlp: str = "gelu", qk_norm: bool = False, condition_silu: bool = True, norm_affine: bool = False,
+                 qkv_bias: bool = True, mlp_bias: bool = True):
         super().__init__()
-        self.norm1, self.norm2 = make_norm(norm, dim), make_norm(norm, dim)
-        self.attn = Attention(dim, heads, qk_norm)
-        self.mlp = make_mlp(mlp, dim, int(dim * mlp_ratio))
+        self.norm1, self.norm2 = make_norm(norm, dim, norm_affine), make_norm(norm, dim, norm_affine)
+        self.attn = Attention(dim, heads, qk_norm, qkv_bias)
+        self.mlp = make_mlp(mlp, dim, int(dim * mlp_ratio), mlp_bias)
         self.adaLN_modulation = modulation(dim, 6, condition_silu)
 
     def forward(self, x: Tensor, c: Tensor, rope: RoPE2D | None = None) -> Tensor:
@@ -215,6 +301,35 @@ def unpatchify(tokens: Tensor, patch: int, channels: int) -> Tensor:
     g = int(round(n ** 0.5))
     x = tokens.reshape(b, g, g, patch, patch, channels)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, channels, g * patch, g * patch)
+
+
+def init_weights(module: nn.Module, scheme: str = "dit") -> None:
+    """A backbone's initialisation (`model.init`).
+
+    dit: DiT's -- xavier linears, zero biases, zero adaLN modulation in every block and zero output layers.
+    ddt: DDT's official -- only the patch embeddings (xavier), the label table and time MLP weights
+         (N(0, 0.02)) and the output layer (zero) are set; everything else keeps PyTorch's default
+         initialisation, adaLN of the blocks included.
+    """
+    if scheme not in INITS:
+        raise ValueError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
+    if scheme == "dit":
+        init_dit_weights(module)
+        return
+    for m in module.modules():
+        if isinstance(m, PatchEmbed):
+            w = m.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+        elif isinstance(m, LabelEmbedder):
+            nn.init.normal_(m.embedding_table.weight, std=0.02)
+        elif isinstance(m, TimestepEmbedder):
+            nn.init.normal_(m.mlp[0].weight, std=0.02)
+            nn.init.normal_(m.mlp[2].weight, std=0.02)
+        elif isinstance(m, FinalLayer):
+            for linear in (m.adaLN_modulation[-1], m.linear):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
 
 def init_dit_weights(module: nn.Module) -> None:

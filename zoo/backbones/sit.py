@@ -12,8 +12,8 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from zoo.backbones.layers import (Block, FinalLayer, LabelEmbedder, PatchEmbed, RoPE2D, TimestepEmbedder,
-                                  init_dit_weights, sincos_pos_embed_2d, unpatchify)
+from zoo.backbones.layers import (INITS, MLPS, NORMS, POS_EMBEDS, TIME_CONVENTIONS, BlockOptions, LabelEmbedder,
+                                  PatchEmbed, RoPE2D, TimeEmbedding, init_weights, position_table, unpatchify)
 from zoo.errors import ConfigError
 
 # width, depth, heads. The paper sizes are SiT's/DiT's; tiny and micro are the zoo's CPU sizes.
@@ -34,28 +34,34 @@ class BackboneOutput:
 
 
 class SiT(nn.Module):
+    """`**block` are the `BlockOptions` (norm, mlp, qk_norm, biases, ...); `time` how t is embedded."""
+
     def __init__(self, *, input_size: int, in_channels: int, num_classes: int, patch: int = 2, hidden: int = 1152,
-                 depth: int = 28, heads: int = 16, mlp_ratio: float = 4.0, norm: str = "layernorm",
-                 mlp: str = "gelu", qk_norm: bool = False, rope: bool = False, out_channels: Optional[int] = None):
+                 depth: int = 28, heads: int = 16, rope: bool = False, rope_extent: float = 0.0,
+                 pos_embed: str = "sincos", time: TimeEmbedding = TimeEmbedding(), init: str = "dit",
+                 out_channels: Optional[int] = None, **block):
         super().__init__()
+        options = BlockOptions(**block)
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.patch, self.depth, self.num_classes, self.hidden_size = patch, depth, num_classes, hidden
+        self.time = time
         self.x_embedder = PatchEmbed(input_size, patch, in_channels, hidden)
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = time.embedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden)
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden, self.x_embedder.grid)[None], persistent=False)
-        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid) if rope else None
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, norm, mlp, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden, patch, self.out_channels, norm)
-        init_dit_weights(self)
+        self.register_buffer("pos_embed", position_table(pos_embed, hidden, self.x_embedder.grid), persistent=False)
+        self.rope = RoPE2D(hidden // heads, self.x_embedder.grid, extent=rope_extent) if rope else None
+        self.blocks = nn.ModuleList(options.block(hidden, heads) for _ in range(depth))
+        self.final_layer = options.final_layer(hidden, patch, self.out_channels)
+        init_weights(self, init)
 
     @property
     def null_label(self) -> int:
         return self.num_classes
 
     def condition(self, t: Tensor, y: Tensor) -> Tensor:
-        return self.t_embedder(t) + self.y_embedder(y)
+        """c = t_emb + y_emb, with t as the network is fed it (`TimeEmbedding.network_time`)."""
+        return self.t_embedder(self.time.network_time(t)) + self.y_embedder(y)
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
         return check_block_numbers(layers, self.depth)
@@ -78,7 +84,7 @@ class SiT(nn.Module):
             if stop_after is not None and k >= stop_after:
                 return BackboneOutput(None, hidden)
         velocity = unpatchify(self.final_layer(tokens, c), self.patch, self.out_channels)
-        return BackboneOutput(velocity, hidden)
+        return BackboneOutput(self.time.velocity(velocity), hidden)
 
 
 def check_block_numbers(layers: Iterable[int], depth: int, layout: str = "") -> tuple[int, ...]:
@@ -105,10 +111,29 @@ def resolve_size(model_cfg) -> dict:
     return dims
 
 
+def architecture(model_cfg) -> dict:
+    """The backbone keyword arguments every backbone shares, from `model.*`, checked: block options, positions,
+    time embedding and initialisation."""
+    for key, valid in (("norm", NORMS), ("mlp", MLPS), ("pos_embed", POS_EMBEDS), ("init", INITS),
+                       ("time_convention", TIME_CONVENTIONS)):
+        if model_cfg[key] not in valid:
+            raise ConfigError(f"unknown model.{key} {model_cfg[key]!r}; valid: {', '.join(valid)}")
+    if model_cfg.final_norm not in ("", *NORMS):
+        raise ConfigError(f"unknown model.final_norm {model_cfg.final_norm!r}; valid: '' (model.norm), "
+                          f"{', '.join(NORMS)}")
+    if model_cfg.time_max_period <= 1 or model_cfg.time_scale <= 0:
+        raise ConfigError(f"model.time_scale={model_cfg.time_scale} must be > 0 and model.time_max_period="
+                          f"{model_cfg.time_max_period} > 1")
+    return dict(mlp_ratio=model_cfg.mlp_ratio, norm=model_cfg.norm, norm_affine=model_cfg.norm_affine,
+                mlp=model_cfg.mlp, qk_norm=model_cfg.qk_norm, qkv_bias=model_cfg.qkv_bias,
+                mlp_bias=model_cfg.mlp_bias, final_norm=model_cfg.final_norm, rope=model_cfg.rope,
+                rope_extent=model_cfg.rope_extent, pos_embed=model_cfg.pos_embed, init=model_cfg.init,
+                time=TimeEmbedding(model_cfg.time_scale, model_cfg.time_max_period, model_cfg.time_convention))
+
+
 def build_sit(model_cfg, *, input_size: int, in_channels: int, num_classes: int, **extra) -> SiT:
     return SiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, patch=model_cfg.patch,
-               mlp_ratio=model_cfg.mlp_ratio, norm=model_cfg.norm, mlp=model_cfg.mlp, qk_norm=model_cfg.qk_norm,
-               rope=model_cfg.rope, **resolve_size(model_cfg), **extra)
+               **architecture(model_cfg), **resolve_size(model_cfg), **extra)
 
 
 def count_parameters(module: nn.Module) -> int:

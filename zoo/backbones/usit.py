@@ -29,18 +29,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from zoo.backbones.layers import (
-    Block,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    RoPE2D,
-    TimestepEmbedder,
-    init_dit_weights,
-    sincos_pos_embed_2d,
-    unpatchify,
-)
-from zoo.backbones.sit import SIT_SIZES, BackboneOutput, check_block_numbers, count_parameters, resolve_size
+from zoo.backbones.layers import (BlockOptions, LabelEmbedder, PatchEmbed, RoPE2D, TimeEmbedding, init_weights,
+                                  position_table, unpatchify)
+from zoo.backbones.sit import (SIT_SIZES, BackboneOutput, architecture, check_block_numbers, count_parameters,
+                               resolve_size)
 from zoo.errors import ConfigError
 
 # Blocks per stage for each of SiT's sizes, at SiT's depth (B: 12, XL: 28; micro has one more block
@@ -112,9 +104,12 @@ class USiT(nn.Module):
     """SiT-down: SiT blocks in stages (encoder, middle, decoder) with token down/upsampling and long skips."""
 
     def __init__(self, *, input_size: int, in_channels: int, num_classes: int, stages: Sequence[int] = (2, 2, 2),
-                 patch: int = 2, hidden: int = 1152, heads: int = 16, mlp_ratio: float = 4.0, norm: str = "layernorm",
-                 mlp: str = "gelu", qk_norm: bool = False, rope: bool = False, out_channels: int | None = None):
+                 patch: int = 2, hidden: int = 1152, heads: int = 16, rope: bool = False, rope_extent: float = 0.0,
+                 pos_embed: str = "sincos", time: TimeEmbedding = TimeEmbedding(), init: str = "dit",
+                 out_channels: int | None = None, **block):
         super().__init__()
+        options = BlockOptions(**block)
+        self.time = time
         self.stage_depths = check_stages(stages)
         levels = len(self.stage_depths) // 2
         self.in_channels = in_channels
@@ -128,18 +123,19 @@ class USiT(nn.Module):
                               f"({len(self.stage_depths)} stages); use fewer stages or a smaller patch")
         last = len(self.stage_depths) - 1
         self.grids = tuple(grid >> min(i, last - i) for i in range(len(self.stage_depths)))
-        self.t_embedder = TimestepEmbedder(hidden)
+        self.t_embedder = time.embedder(hidden)
         self.y_embedder = LabelEmbedder(num_classes, hidden)
         for g in sorted(set(self.grids)):
-            self.register_buffer(f"pos_embed_{g}", sincos_pos_embed_2d(hidden, g)[None], persistent=False)
-        self.ropes = nn.ModuleDict({str(g): RoPE2D(hidden // heads, g) for g in sorted(set(self.grids))}) if rope else None
-        self.stages = nn.ModuleList(nn.ModuleList(Block(hidden, heads, mlp_ratio, norm, mlp, qk_norm) for _ in range(d))
+            self.register_buffer(f"pos_embed_{g}", position_table(pos_embed, hidden, g), persistent=False)
+        self.ropes = nn.ModuleDict({str(g): RoPE2D(hidden // heads, g, extent=rope_extent)
+                                    for g in sorted(set(self.grids))}) if rope else None
+        self.stages = nn.ModuleList(nn.ModuleList(options.block(hidden, heads) for _ in range(d))
                                     for d in self.stage_depths)
         self.downsamplers = nn.ModuleList(TokenDownsample(hidden) for _ in range(levels))   # after encoder stage i
         self.upsamplers = nn.ModuleList(TokenUpsample(hidden) for _ in range(levels))       # before decoder stage j
         self.skips = nn.ModuleList(SkipFusion(hidden) for _ in range(levels))
-        self.final_layer = FinalLayer(hidden, patch, self.out_channels, norm)
-        init_dit_weights(self)
+        self.final_layer = options.final_layer(hidden, patch, self.out_channels)
+        init_weights(self, init)
 
     @property
     def null_label(self) -> int:
@@ -155,7 +151,7 @@ class USiT(nn.Module):
         return self.grids[next(i for i in range(len(self.stage_depths)) if k <= sum(self.stage_depths[:i + 1]))]
 
     def condition(self, t: Tensor, y: Tensor) -> Tensor:
-        return self.t_embedder(t) + self.y_embedder(y)
+        return self.t_embedder(self.time.network_time(t)) + self.y_embedder(y)
 
     def check_layers(self, layers: Iterable[int]) -> tuple[int, ...]:
         return check_block_numbers(layers, self.depth, f"stages {list(self.stage_depths)}")
@@ -189,7 +185,7 @@ class USiT(nn.Module):
                 skips.append(tokens)
                 tokens = self.downsamplers[i](tokens, grid)
         velocity = unpatchify(self.final_layer(tokens, c), self.patch, self.out_channels)
-        return BackboneOutput(velocity, hidden)
+        return BackboneOutput(self.time.velocity(velocity), hidden)
 
 
 def resolve_stages(model_cfg, stages: Sequence[int] = (), key: str = "stages") -> tuple[int, ...]:
@@ -216,8 +212,7 @@ def build_usit(model_cfg, *, stages: Sequence[int] = (), input_size: int, in_cha
     stages = resolve_stages(model_cfg, stages, stages_key)
     dims = resolve_size(OmegaConf.merge(model_cfg, {"depth": sum(stages)}))
     return USiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, stages=stages,
-                patch=model_cfg.patch, hidden=dims["hidden"], heads=dims["heads"], mlp_ratio=model_cfg.mlp_ratio,
-                norm=model_cfg.norm, mlp=model_cfg.mlp, qk_norm=model_cfg.qk_norm, rope=model_cfg.rope, **extra)
+                patch=model_cfg.patch, hidden=dims["hidden"], heads=dims["heads"], **architecture(model_cfg), **extra)
 
 
 def usit_parameter_count(size: str, stages: Sequence[int] = (), patch: int = 2, input_size: int = 32,

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from zoo.config import ODE_SOLVER_NAMES
+
 
 def add_sampling_args(p: argparse.ArgumentParser, defaults_note: str) -> None:
     p.add_argument("--sampler", choices=["ode", "sde"], default=None, help=f"default: {defaults_note}")
-    p.add_argument("--solver", choices=["euler", "heun", "dopri5"], default=None, help="ODE solver")
+    p.add_argument("--solver", choices=ODE_SOLVER_NAMES, default=None, help="ODE solver")
     p.add_argument("--steps", type=int, default=None, help="sampler steps")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None)

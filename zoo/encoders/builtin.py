@@ -44,7 +44,7 @@ from zoo.encoders import Encoder, register_encoder, resize_images
 from zoo.errors import ConfigError, DataError
 from zoo.schedule import warmup_cosine
 
-TEACHER_FORMAT = "repa-zoo-teacher/2"
+TEACHER_FORMAT = "repa-zoo-teacher/3"  # 3: the official sin-cos channel order
 
 
 class TeacherViT(nn.Module):

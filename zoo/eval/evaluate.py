@@ -35,6 +35,7 @@ class EvalSettings:
     steps: Optional[int] = None
     cfg_scale: Optional[float] = None
     cfg_interval: Optional[tuple] = None
+    last_step: Optional[float] = None  # the ODE grid's last step (sample.last_step)
     seed: int = 0
     batch_size: int = 100           # part of the noise seeding, so part of the settings
     use_ema: bool = True
@@ -46,16 +47,18 @@ class EvalSettings:
     def resolved(self, sample_cfg, method: Optional[str] = None) -> "EvalSettings":
         """None fields from the checkpoint's `sample.*`; with `method`, its options checked and defaults dropped."""
         fill = {"sampler": sample_cfg.sampler, "solver": sample_cfg.solver, "steps": sample_cfg.steps,
-                "cfg_scale": sample_cfg.cfg_scale, "cfg_interval": tuple(sample_cfg.cfg_interval)}
+                "cfg_scale": sample_cfg.cfg_scale, "cfg_interval": tuple(sample_cfg.cfg_interval),
+                "last_step": sample_cfg.last_step}
         out = dataclasses.replace(self, **{k: v for k, v in fill.items() if getattr(self, k) is None})
         return dataclasses.replace(out, options=method_options(method, self.options)) if method else out
 
     def key_fields(self) -> dict:
-        """What the record's key hashes: every setting; the options only when there are any, so that
-        records saved before methods had sampling options keep their keys."""
+        """What the record's key hashes: every setting; the options and the last step only when there are any,
+        so that records saved before they existed keep their keys."""
         fields = dataclasses.asdict(self)
-        if not fields["options"]:
-            del fields["options"]
+        for key in ("options", "last_step"):
+            if not fields[key]:
+                del fields[key]
         return fields
 
 
@@ -74,7 +77,8 @@ def method_options(method: str, options: dict) -> dict:
 
 
 # The comparison protocol (docs/benchmarks.md): the same sampler for every method, whatever its config says.
-PROTOCOL = EvalSettings(sampler="ode", solver="euler", steps=32, cfg_scale=1.0, cfg_interval=(0.0, 1.0))
+PROTOCOL = EvalSettings(sampler="ode", solver="euler", steps=32, cfg_scale=1.0, cfg_interval=(0.0, 1.0),
+                        last_step=0.0)
 
 
 def balanced_labels(num: int, num_classes: int) -> torch.Tensor:
@@ -94,7 +98,8 @@ def sample_uint8(method, model, labels: torch.Tensor, settings: EvalSettings, de
 
     chunks = iter_generate(method, model, labels, sampler=settings.sampler, solver=settings.solver,
                            steps=settings.steps, cfg_scale=settings.cfg_scale, cfg_interval=tuple(settings.cfg_interval),
-                           seed=settings.seed, batch_size=settings.batch_size, device=device, **settings.options)
+                           seed=settings.seed, batch_size=settings.batch_size, device=device,
+                           last_step=settings.last_step or 0.0, **settings.options)
     out = []
     with tqdm(total=len(labels), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for chunk in chunks:
