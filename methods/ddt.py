@@ -4,7 +4,7 @@
     v = Dec(x_t, z)                        velocity decoder, D blocks, adaLN per token from z
     L = L_v + lambda L_REPA                REPA on encoder block k (methods/repa.py)
 
-At sampling, `--share uniform:K | dp:K` reuses z across steps with K encoder runs in total
+At sampling, `--share uniform:K | dp:K` reuses z across steps with K encoder runs in total (`every:R`: every R steps)
 (zoo/sharing.py); the DP schedule is calibrated once and saved beside the checkpoint.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from zoo.backbones.ddt import build_ddt
 from zoo.errors import ConfigError
 from zoo.method import SamplingOption
 from zoo.registry import register
-from zoo.sharing import DPSchedules, SharedConditionField, ShareSpec, check_shareable, uniform_schedule
+from zoo.sharing import DPSchedules, SharedConditionField, ShareSpec, check_shareable, every_schedule, uniform_schedule
 
 
 @dataclass
@@ -52,7 +52,8 @@ class DDT(REPA):
     @classmethod
     def sampling_options(cls) -> list:
         return [SamplingOption("--share", str, "none", "encoder sharing: none (default), uniform:K or dp:K -- K "
-                               "computations of the encoder's z in total, reused by the steps between them")]
+                               "computations of the encoder's z in total, reused by the steps between them -- or "
+                               "every:R (recompute every R steps, the released code's refresh rate)")]
 
     def velocity_field(self, model, labels, guidance, sampler=None, share="none", **options):
         spec = ShareSpec.parse(share)
@@ -61,6 +62,8 @@ class DDT(REPA):
         check_shareable(model.backbone, sampler)
         if spec.kind == "uniform":
             schedule = uniform_schedule(sampler.steps, spec.k)
+        elif spec.kind == "every":
+            schedule = every_schedule(sampler.steps, spec.k)
         else:
             schedule = self.dp_schedules.get(spec.k, model.backbone, sampler, self.path, guidance, self.state_shape(),
                                              checkpoint=self.checkpoint, weights=self.checkpoint_weights or "live")

@@ -10,16 +10,18 @@ other step reuses the last z. `--share` spells it:
   none        recompute at every step (plain sampling);
   uniform:K   K recomputations spread evenly over the N steps: steps floor(i N / K), i = 0..K-1
               (every N/K steps when K divides N);
+  every:R     recompute at the steps i with i % R == 0 (the released code's `state_refresh_rate` R: ceil(N / R)
+              recomputations, the paper's "uniform" at refresh rate R, whether or not R divides N);
   dp:K        K recomputations chosen by the statistical dynamic programme: sample a few images with
               full recomputation, build the N x N matrix sim[a][b] of the cosine similarity between the
               z of steps a and b (per token, averaged over tokens and images), and choose the steps
               0 = s_1 < ... < s_K that minimise sum over segments of cost(s, e) = sum_{m=s..e} (1 - sim[m][s]),
-              the reuse cost of step s's z over steps s..e.
+              the reuse cost of step s's z over steps s..e (the released code: K = int(N / R)).
 Every evaluation at a scheduled step recomputes (Heun evaluates twice per step), so K = N is plain
-sampling exactly. With classifier-free guidance the batch is doubled inside the guidance interval only:
-a cached z serves a request when the request's labels are a prefix of the cached batch's (the
-conditional half of a doubled batch), and is recomputed otherwise -- once, on entering the interval
-between scheduled steps (`SharedConditionField.encoder_calls` lists every encoder run).
+sampling. With classifier-free guidance (scale > 1) a scheduled step encodes the conditional and the
+unconditional batch, as the released code does (it always runs both): the batch is doubled for the
+decoder inside the guidance interval only, and a step inside the interval reuses the unconditional z of
+the last scheduled step too, so the encoder runs exactly K times (`SharedConditionField.encoder_calls`).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from zoo.cache import fingerprint
 from zoo.errors import ConfigError
 from zoo.guidance import Guidance, guided
 
-SHARE_KINDS = ("none", "uniform", "dp")
+SHARE_KINDS = ("none", "uniform", "every", "dp")
 CALIBRATION_SAMPLES = 8     # the official code calibrates on 8 samples
 CALIBRATION_SEED = 0
 FILE_FORMAT = "repa-zoo-share/1"
@@ -58,7 +60,7 @@ class ShareSpec:
         kind, _, k = text.partition(":")
         if kind not in SHARE_KINDS[1:] or not k.isdigit() or int(k) < 1:
             raise ConfigError(f"--share {spec!r}: valid values are none, uniform:K, dp:K (K >= 1 recomputations "
-                              f"of the encoder in total)")
+                              f"of the encoder in total) and every:R (recompute every R >= 1 steps)")
         return cls(kind, int(k))
 
     def __str__(self) -> str:
@@ -84,6 +86,13 @@ def uniform_schedule(steps: int, k: int) -> list[int]:
     """K steps spread evenly over `steps`, the first at 0."""
     check_k(k, steps)
     return [i * steps // k for i in range(k)]
+
+
+def every_schedule(steps: int, rate: int) -> list[int]:
+    """The steps i with i % rate == 0: the released code's uniform sharing at refresh rate `rate`."""
+    if rate < 1:
+        raise ConfigError(f"--share every:{rate} needs a refresh rate R >= 1")
+    return list(range(0, steps, rate))
 
 
 def reuse_costs(sim) -> np.ndarray:
@@ -136,13 +145,18 @@ def similarity_matrix(zs: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------- the field
 class SharedConditionField:
-    """field(x, t, step): the guided velocity from the decoder, with z recomputed at scheduled steps only."""
+    """field(x, t, step): the guided velocity from the decoder, with z recomputed at scheduled steps only.
+
+    `both_halves` (default: guidance scale > 1) encodes the unconditional batch beside the conditional one at
+    every recomputation, so that steps inside the guidance interval find both halves cached.
+    """
 
     def __init__(self, backbone, labels: Tensor, guidance: Guidance, schedule: Iterable[int],
-                 on_encode: Optional[Callable[[int, Tensor], None]] = None):
+                 on_encode: Optional[Callable[[int, Tensor], None]] = None, both_halves: Optional[bool] = None):
         self.backbone, self.labels, self.guidance = backbone, labels, guidance
         self.schedule = frozenset(schedule)
         self.on_encode = on_encode
+        self.both_halves = guidance.scale > 1 if both_halves is None else both_halves
         self.encoder_calls: list[tuple[int, int]] = []   # (step, batch) of every encoder run
         self._z = self._z_labels = None
         self._step = 0
@@ -154,12 +168,19 @@ class SharedConditionField:
     def _velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         z = None if self._step in self.schedule else self._cached(y)
         if z is None:
-            z = self.backbone.encode_condition(x, t, y)
-            self._z, self._z_labels = z, y
-            self.encoder_calls.append((self._step, len(y)))
+            xx, tt, yy = x, t, y
+            if self.both_halves and len(y) == len(self.labels):  # a conditional request: encode the null half too
+                xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)])
+            self._z, self._z_labels = self.backbone.encode_condition(xx, tt, yy), yy
+            self.encoder_calls.append((self._step, len(yy)))
             if self.on_encode is not None:
-                self.on_encode(self._step, z)
+                self.on_encode(self._step, self._z)
+            z = self._z[:len(y)]
         return self.backbone.decode_velocity(x, t, z)
+
+    @property
+    def null_label(self) -> int:
+        return self.backbone.null_label
 
     def _cached(self, y: Tensor) -> Optional[Tensor]:
         """The cached z's rows for labels `y`, if the cached batch starts with exactly these labels."""
@@ -175,7 +196,8 @@ def calibrate(backbone, sampler, path, guidance: Guidance, shape: tuple, samples
     """The [N, N] similarity of z between steps, from `samples` images sampled with full recomputation.
 
     Seeded noise and balanced labels, drawn from a CPU generator of its own: the caller's RNG is untouched.
-    With CFG, z of the conditional rows is compared (they exist at every step, inside the interval or not).
+    As in the released code, every step encodes the conditional and the unconditional batch, and the
+    similarity averages over both (the trajectory is guided inside the guidance interval only).
     """
     device = next(backbone.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -184,9 +206,10 @@ def calibrate(backbone, sampler, path, guidance: Guidance, shape: tuple, samples
     first = {}
 
     def keep(step: int, z: Tensor) -> None:
-        first.setdefault(step, z[:samples].float())
+        first.setdefault(step, z.float())
 
-    sampler.sample(SharedConditionField(backbone, labels, guidance, range(sampler.steps), keep), noise, path, gen)
+    field = SharedConditionField(backbone, labels, guidance, range(sampler.steps), keep, both_halves=True)
+    sampler.sample(field, noise, path, gen)
     return similarity_matrix(torch.stack([first[i] for i in range(sampler.steps)]))
 
 

@@ -176,8 +176,8 @@ def test_config_errors_name_the_problem(micro_cfg):
         build_method(micro_cfg("ddt", "ddt.encoder_depth=2")).build_model()
     with pytest.raises(ConfigError, match=r"decoder_depth=2 must be in 1..1"):
         build_method(micro_cfg("ddt", "ddt.decoder_depth=2")).build_model()
-    for bad in ("dp", "dp:0", "every:2", "uniform:x"):
-        with pytest.raises(ConfigError, match="none, uniform:K, dp:K"):
+    for bad in ("dp", "dp:0", "every:0", "often:2", "uniform:x"):
+        with pytest.raises(ConfigError, match="none, uniform:K, dp:K .* every:R"):
             sharing.ShareSpec.parse(bad)
     method, model = micro_ddt(micro_cfg)
     with pytest.raises(ConfigError, match="1 <= K <= the 4 sampler steps"):
@@ -259,17 +259,18 @@ def test_sharing_off_or_every_step_equals_plain_sampling_exactly(micro_cfg, kwar
 
 
 def reference_shared_euler(model, noise, labels, steps, recompute, guidance):
-    """Euler with z recomputed at `recompute` and whenever the batch grows (CFG interval entered), written out."""
+    """Euler with z of the conditional and the unconditional batch recomputed at `recompute` (the released
+    sharing sampler, which always runs both halves), guided inside the interval only, written out."""
     bb, null = model.backbone, torch.full_like(labels, model.backbone.null_label)
-    x, z, z_labels = noise, None, None
+    x, z = noise, None
     for i in range(steps):
         t_cur, t_next = 1 - i / steps, 1 - (i + 1) / steps
         t = torch.full((len(x),), t_cur)
-        doubled = guidance.scale != 1 and guidance.low <= t_cur <= guidance.high
+        if i in recompute:
+            z = bb.encode_condition(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
+        doubled = guidance.scale > 1 and guidance.low <= t_cur <= guidance.high
         y = torch.cat([labels, null]) if doubled else labels
         xx, tt = (torch.cat([x, x]), torch.cat([t, t])) if doubled else (x, t)
-        if i in recompute or z is None or len(y) > len(z_labels):
-            z, z_labels = bb.encode_condition(xx, tt, y), y
         v = bb.decode_velocity(xx, tt, z[:len(y)])
         if doubled:
             cond, uncond = v.chunk(2)
@@ -279,9 +280,10 @@ def reference_shared_euler(model, noise, labels, steps, recompute, guidance):
 
 
 @pytest.mark.parametrize("interval, share, calls", [
-    ((0.0, 0.5), "uniform:3", [(0, 3), (2, 3), (4, 6), (5, 6)]),   # enter the interval at step 4: one extra run
-    ((0.0, 0.5), "uniform:2", [(0, 3), (4, 6)]),                   # a scheduled step enters it
-    ((0.5, 1.0), "uniform:2", [(0, 6), (4, 6)]),                   # leave it: the conditional half is reused
+    ((0.0, 0.5), "uniform:3", [(0, 6), (2, 6), (5, 6)]),   # enter the interval at step 4: both halves are cached
+    ((0.0, 0.5), "uniform:2", [(0, 6), (4, 6)]),           # a scheduled step enters it
+    ((0.5, 1.0), "uniform:2", [(0, 6), (4, 6)]),           # leave it: the conditional half is reused
+    ((0.0, 0.5), "every:3", [(0, 6), (3, 6), (6, 6)]),     # the released code's refresh rate: steps 0, 3, 6
 ])
 def test_sharing_with_cfg_and_a_guidance_interval(micro_cfg, interval, share, calls):
     method, model = micro_ddt(micro_cfg)
@@ -291,8 +293,9 @@ def test_sharing_with_cfg_and_a_guidance_interval(micro_cfg, interval, share, ca
     with torch.no_grad():
         field = method.velocity_field(model, labels, guidance, sampler=sampler, share=share)
         got = sampler.sample(field, noise, method.path)
-        k = int(share.split(":")[1])
-        expected = reference_shared_euler(model, noise, labels, 8, sharing.uniform_schedule(8, k), guidance)
+        kind, k = share.split(":")
+        schedule = sharing.every_schedule(8, int(k)) if kind == "every" else sharing.uniform_schedule(8, int(k))
+        expected = reference_shared_euler(model, noise, labels, 8, schedule, guidance)
     assert field.encoder_calls == calls
     assert torch.allclose(got, expected, atol=1e-5)
 
