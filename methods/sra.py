@@ -5,10 +5,12 @@ a deeper block, is the teacher. See docs/methods/sra.md.
     L_SRA = d( h_phi( h_s(x_t, t) ),  sg( h^EMA_d(x_t', t') ) )
     L = L_v + lambda * L_SRA
 
-`h_s` is the student's tokens after block s on x_t, `h_phi` a trainable MLP projector, and `h^EMA_d` the
-EMA model's tokens after the deeper block d on x_t' = (1 - t') x + t' eps, with the same x, eps and labels.
-The distance d is the negative token-wise cosine (the official code's recommended loss, weight 0.5) or
-the paper's smooth L1 (beta 0.05). No external encoder: nothing is downloaded or pretrained.
+`h_s` is the student's tokens [B, N, D] after block s on x_t, `h_phi` a trainable head (the official
+Linear(D, 2D) -> SiLU -> Linear(2D, D)), and `h^EMA_d` the EMA model's tokens after the deeper block d on
+x_t' = (1 - t') x + t' eps, with the same x, eps and labels. The distance d is the official code's
+recommended `1 - F.cosine_similarity(a, b)` at weight 0.5 -- PyTorch's default dim=1, which for [B, N, D]
+is the cosine over the N tokens of each channel, averaged over samples and channels -- or the paper's smooth
+L1 (beta 0.05, official weight 0.2). No external encoder: nothing is downloaded or pretrained.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zoo.alignment import negative_cosine, projector
 from zoo.errors import ConfigError
 from zoo.method import Method, Term
 from zoo.registry import register
 
-DISTANCES = ("cosine", "smooth_l1")
+DISTANCES = ("cosine", "token_cosine", "smooth_l1")
+PROJECTORS = ("head", "mlp")
 
 
 @dataclass
@@ -32,9 +36,10 @@ class SRAConfig:
     student_block: int = 8      # s: the student's block (counted from 1); 8 of 28 in SiT-XL
     teacher_block: int = 20     # d: the EMA teacher's block; 20 of 28
     max_gap: float = 0.2        # t - t' ~ U(0, max_gap)
-    projector_dim: int = 2048   # hidden width of h_phi
-    distance: str = "cosine"    # cosine | smooth_l1
-    weight: float = 0.5         # lambda
+    projector: str = "head"     # head: Linear(D, 2D) -> SiLU -> Linear(2D, D) (official) | mlp: REPA's 3 layers
+    projector_dim: int = 2048   # hidden width of the `mlp` projector
+    distance: str = "cosine"    # cosine (over tokens, official) | token_cosine (per token, REPA's) | smooth_l1
+    weight: float = 0.5         # lambda (official: 0.5 for cosine, 0.2 for smooth_l1)
 
 
 @register
@@ -50,12 +55,17 @@ class SRA(Method):
         o = self.options
         if o.distance not in DISTANCES:
             raise ConfigError(f"sra.distance={o.distance!r}; valid: {', '.join(DISTANCES)}")
+        if o.projector not in PROJECTORS:
+            raise ConfigError(f"sra.projector={o.projector!r}; valid: {', '.join(PROJECTORS)}")
         if not 0 <= o.max_gap <= 1:
             raise ConfigError(f"sra.max_gap must lie in [0, 1], got {o.max_gap}")
 
     def build_extras(self, backbone) -> dict:
-        backbone.check_layers((self.options.student_block, self.options.teacher_block))
-        return {"projector": projector(backbone.hidden_size, self.options.projector_dim, backbone.hidden_size)}
+        o, dim = self.options, backbone.hidden_size
+        backbone.check_layers((o.student_block, o.teacher_block))
+        if o.projector == "mlp":
+            return {"projector": projector(dim, o.projector_dim, dim)}
+        return {"projector": nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))}
 
     def hidden_layers(self) -> tuple:
         return (self.options.student_block,)
@@ -81,9 +91,16 @@ class SRA(Method):
 
 
 def sra_loss(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
-    """L_SRA: the distance between the projected student tokens and the detached teacher tokens, in fp32."""
+    """L_SRA between the projected student tokens and the detached teacher tokens [B, N, D], in fp32.
+
+    cosine        mean over (b, d) of 1 - cos(student[b, :, d], teacher[b, :, d])  (over the tokens, official)
+    token_cosine  -mean over (b, n) of cos(student[b, n], teacher[b, n])           (per token, as REPA)
+    smooth_l1     smooth L1 with beta 0.05, mean over every element
+    """
     teacher = teacher.detach()
-    if distance == "cosine":
+    if distance == "token_cosine":
         return negative_cosine(student, teacher)
     with torch.autocast(student.device.type, enabled=False):
+        if distance == "cosine":
+            return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
         return F.smooth_l1_loss(student.float(), teacher.float(), beta=0.05)

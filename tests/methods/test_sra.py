@@ -37,10 +37,23 @@ def test_loss_matches_a_direct_transcription_with_the_ema_teacher_at_a_lower_noi
     t_teacher = (state.t - 0.2 * torch.rand(4)).clamp(0, 1)
     x_teacher = (1 - t_teacher)[:, None, None, None] * state.x + t_teacher[:, None, None, None] * state.eps
     teacher = ema.backbone(x_teacher, t_teacher, state.y, hidden_layers=(d,)).hidden[d]
-    student = model.extras["projector"](state.output.hidden[s])
-    expected = -F.cosine_similarity(student, teacher, dim=-1).mean()
+    head = model.extras["projector"]
+    student = head[2](F.silu(head[0](state.output.hidden[s])))   # Linear(D, 2D) -> SiLU -> Linear(2D, D)
+    assert head[0].weight.shape == (64, 32) and head[2].weight.shape == (32, 64)
+    # 1 - cos over the token axis (F.cosine_similarity's default dim=1 of [B, N, D]), per sample and channel
+    cos = (student * teacher).sum(1) / (student.norm(dim=1) * teacher.norm(dim=1))
+    expected = (1 - cos).mean()
     assert set(terms) == {"sra"} and terms["sra"].weight == 0.5
     assert torch.allclose(terms["sra"].value, expected, atol=1e-5)
+
+
+def test_token_cosine_and_the_mlp_projector_are_named_options(micro_cfg):
+    method, model, ema, state = _setup(micro_cfg, "sra.distance=token_cosine", "sra.projector=mlp")
+    assert len(model.extras["projector"]) == 5 and model.extras["projector"][0].out_features == 64
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = -F.cosine_similarity(student, teacher, dim=-1).mean()
+    assert torch.allclose(sra_loss(student, teacher, "token_cosine"), expected, atol=1e-6)
+    assert not torch.allclose(sra_loss(student, teacher, "cosine"), 1 + expected, atol=1e-3)
 
 
 def test_teacher_time_is_lower_noise_within_the_gap(micro_cfg):
@@ -70,6 +83,8 @@ def test_smooth_l1_distance_is_the_papers():
 def test_bad_options_and_a_missing_teacher_are_clear_errors(micro_cfg):
     with pytest.raises(ConfigError, match="sra.distance"):
         build_method(micro_cfg("sra", "sra.distance=l3"))
+    with pytest.raises(ConfigError, match="sra.projector"):
+        build_method(micro_cfg("sra", "sra.projector=big"))
     method, model, _, state = _setup(micro_cfg)
     with pytest.raises(ConfigError, match="EMA"):
         method.extra_losses(model, state, TrainContext(0, None))
