@@ -125,8 +125,7 @@ class DeepFlow(REPA):
         x = self.encode(model, batch)
         with torch.no_grad():
             targets = self.targets(batch)
-        t = self.sample_time(x.shape[0], x.device)
-        eps = torch.randn_like(x)
+        t, eps = self.noise(model, x)
         times = branch_times(t, len(self.splits) + 1, o.time_gap)
         x_t = self.path.interpolate(x, eps, t)
         y = self.drop_labels(model, batch["label"])

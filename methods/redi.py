@@ -150,8 +150,7 @@ class ReDi(REPA):
         """L = L_v(x) + lambda_r L_v(r) on the jointly noised state; with feature dropout the feature input is
         zeroed and lambda_r = 0 for the whole batch."""
         x = self.encode(model, batch)
-        t = self.sample_time(x.shape[0], x.device)
-        eps = torch.randn_like(x)                         # independent noise for every channel of both parts
+        t, eps = self.noise(model, x)                         # independent noise for every channel of both parts
         x_t = self.path.interpolate(x, eps, t)            # the same t for the image and its features
         dropped = self.drop_features()
         if dropped:

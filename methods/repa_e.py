@@ -2,12 +2,15 @@
 
 Each training step makes three updates, each with its own AdamW (the trainer's phases, in order):
   1. vae            L1 + lpips LPIPS + 1e-6 KL + 0.1 GAN + 1.5 L_REPA, the last through the frozen SiT on
-                    the NON-detached latent (BN with its running statistics, SiT and projectors in eval mode)
-  2. discriminator  PatchGAN hinge loss, real images against the reconstructions of update 1
-  3. sit            L_v + 0.5 L_REPA on BN(z.detach()) (BN in training mode: its statistics move here only)
+                    the NON-detached latent (BN with its running statistics, SiT and projectors in eval mode);
+                    the GAN term through the discriminator in training mode (batch statistics), as officially
+  2. discriminator  PatchGAN hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_rec))) against update 1's reconstructions
+  3. sit            L_v + 0.5 L_REPA on BN(z.detach()) (BN in training mode: its statistics move here only), with
+                    the t and noise that update 1 drew
 The diffusion loss is stop-gradiented to the VAE: back-propagating it collapses the latent space.
 BatchNorm2d (no affine) replaces the fixed latent scale; sampling skips it and de-normalises with the
-(EMA) running statistics before decoding.
+(EMA) running statistics before decoding. The EMA averages SiT and BN but copies the VAE, which the official
+code never averages: sampling decodes with the tuned VAE itself.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch import nn
 
 from methods.repa import REPA, REPAConfig, repa_loss
 from zoo.errors import ConfigError
-from zoo.method import Phase, Term
+from zoo.method import Method, Phase, Term
 from zoo.registry import register
 from zoo.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
 
@@ -33,6 +36,7 @@ class REPAEConfig(REPAConfig):
     l1_weight: float = 1.0
     lpips_weight: float = 1.0       # used when lpips_weights is given
     lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/lpips.py); "": no perceptual term (CPU default)
+    lpips_rescale: bool = False     # feed LPIPS x * 2 - 1 of images already in [-1, 1], as the official code does
     kl_weight: float = 1e-6
     gan_weight: float = 0.1
     disc_channels: int = 64         # PatchGAN width
@@ -44,7 +48,10 @@ class REPAEConfig(REPAConfig):
 
 
 class PatchDiscriminator(nn.Sequential):
-    """PatchGAN (pix2pix, taming): strided 4x4 convolutions with BatchNorm and LeakyReLU, one logit per patch."""
+    """PatchGAN (pix2pix, taming): strided 4x4 convolutions with BatchNorm and LeakyReLU, one logit per patch.
+
+    Initialised as taming's `weights_init` (REPA-E's): convolution weights N(0, 0.02), BatchNorm scales
+    N(1, 0.02) and shifts 0; the biases of the first and last convolution keep PyTorch's default."""
 
     def __init__(self, channels: int = 64, layers: int = 3):
         mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
@@ -53,14 +60,27 @@ class PatchDiscriminator(nn.Sequential):
             mods += [nn.Conv2d(c, out, 4, 2 if i < layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
             c = out
         super().__init__(*mods, nn.Conv2d(c, 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+
+def hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss 0.5 * (E relu(1 - D(x)) + E relu(1 + D(x_rec))) (taming, REPA-E)."""
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
 
 @contextlib.contextmanager
-def frozen(*modules: nn.Module):
-    """No parameter gradients and eval mode inside; gradients still flow to the inputs."""
+def frozen(*modules: nn.Module, eval_mode: bool = True):
+    """No parameter gradients (and eval mode, unless `eval_mode=False`) inside; gradients still flow to the inputs."""
     states = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in modules]
     for m in modules:
-        m.eval().requires_grad_(False)
+        m.requires_grad_(False)
+        if eval_mode:
+            m.eval()
     try:
         yield
     finally:
@@ -104,6 +124,9 @@ class REPAE(REPA):
         return {**super().build_extras(backbone), "vae": vae.train(), "bn": bn,
                 "discriminator": PatchDiscriminator(o.disc_channels, o.disc_layers)}
 
+    def unaveraged(self) -> tuple:
+        return ("extras.vae.",)
+
     def phases(self, model) -> list:
         o, ex = self.options, model.extras
         return [Phase("vae", list(ex["vae"].parameters()), self.vae_losses, lr=o.vae_lr),
@@ -117,37 +140,42 @@ class REPAE(REPA):
         mean, std = ex["vae"].posterior(images)
         z = mean + std * torch.randn_like(std)
         recon = ex["vae"].decode_latent(z)
-        # what updates 2 and 3 of this step read (phases run in order, on this process)
-        self.latents = {"z": z.detach(), "recon": recon.detach()}
         bn = ex["bn"]
         state = F.batch_norm(z, bn.running_mean, bn.running_var, training=False, eps=bn.eps)  # statistics fixed
-        with frozen(model.backbone, ex["projectors"], ex["discriminator"]):
+        with frozen(model.backbone, ex["projectors"]):
             with torch.no_grad():
                 targets = self.targets(batch)
-            t = self.sample_time(len(z), z.device)
-            x_t = self.path.interpolate(state, torch.randn_like(state), t)
+            t, eps = Method.noise(self, model, state)
+            x_t = self.path.interpolate(state, eps, t)
             k = o.encoder_depth
             hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
             align = repa_loss(hidden, ex["projectors"], targets["tokens"])
+        # what updates 2 and 3 of this step read (phases run in order, on this process): update 3 reuses t and eps
+        self.latents = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
+        with frozen(ex["discriminator"], eval_mode=False):  # batch statistics, as the official generator step
             fake_logits = ex["discriminator"](recon)
         terms = {"l1": Term((recon - images).abs().mean(), o.l1_weight),
                  "kl": Term(kl_to_standard_normal(mean, std), o.kl_weight),
                  "gan": Term(-fake_logits.mean(), o.gan_weight),
                  "repa_vae": Term(align, o.vae_proj_coeff)}
         if self.lpips is not None:
-            terms["lpips"] = Term(self.lpips(recon, images).mean(), o.lpips_weight)
+            rescale = (lambda x: x * 2 - 1) if o.lpips_rescale else (lambda x: x)
+            terms["lpips"] = Term(self.lpips(rescale(recon), rescale(images)).mean(), o.lpips_weight)
         return terms
 
     # ---------------------------------------------------------------- 2. the discriminator update
     def discriminator_losses(self, model, batch: dict, ctx) -> dict:
         disc = model.extras["discriminator"]
-        real, fake = disc(batch["image"]), disc(self.latents["recon"])
-        return {"disc": Term(F.relu(1 - real).mean() + F.relu(1 + fake).mean())}
+        return {"disc": Term(hinge_loss(disc(batch["image"]), disc(self.latents["recon"])))}
 
     # ---------------------------------------------------------------- 3. the SiT update (Method.loss_terms)
     def encode(self, model, batch: dict):
         """BN of the VAE update's latent, detached: the diffusion loss never reaches the VAE."""
         return model.extras["bn"](self.latents["z"])
+
+    def noise(self, model, x):
+        """The t and noise of the VAE update's REPA term (the official code draws them once per step)."""
+        return self.latents["t"], self.latents["eps"]
 
     # ---------------------------------------------------------------- sampling
     def decode(self, model, state):

@@ -7,8 +7,8 @@ EMA, logging, checkpoints -- and calls the hooks; no method rewrites it.
 Hooks, in the order the trainer and sampler call them (see docs/architecture.md):
 
   building   build_backbone, build_extras, setup, state_shape
-  training   phases -> loss_terms -> encode, targets, sample_time, drop_labels,
-             hidden_layers, flow_loss, extra_losses
+  training   phases -> loss_terms -> encode, targets, noise (sample_time), drop_labels,
+             hidden_layers, flow_loss, extra_losses; unaveraged (what the EMA copies)
   sampling   sampling_options, velocity_field, decode
 """
 from __future__ import annotations
@@ -191,6 +191,10 @@ class Method:
     def sample_time(self, n: int, device) -> Tensor:
         return self.time_sampler.sample(n, device=device)
 
+    def noise(self, model: ZooModel, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(t, eps) for the clean states x: `sample_time`'s t, then Gaussian noise (drawn in that order)."""
+        return self.sample_time(x.shape[0], x.device), torch.randn_like(x)
+
     def drop_labels(self, model: ZooModel, y: Tensor) -> Tensor:
         """Replace labels by the null class with probability model.class_dropout (trains CFG)."""
         p = self.cfg.model.class_dropout
@@ -201,6 +205,10 @@ class Method:
 
     def hidden_layers(self) -> tuple:
         """Block numbers (from 1) whose output tokens the backbone should return."""
+        return ()
+
+    def unaveraged(self) -> tuple:
+        """State-dict key prefixes the EMA copies from the live model instead of averaging (REPA-E: its VAE)."""
         return ()
 
     def flow_loss(self, velocity: Tensor, target: Tensor) -> Tensor:
@@ -216,8 +224,7 @@ class Method:
         x = self.encode(model, batch)
         with torch.no_grad():
             targets = self.targets(batch)
-        t = self.sample_time(x.shape[0], x.device)
-        eps = torch.randn_like(x)
+        t, eps = self.noise(model, x)
         x_t = self.path.interpolate(x, eps, t)
         y = self.drop_labels(model, batch["label"])
         out = model.backbone(x_t, t, y, hidden_layers=self.hidden_layers())

@@ -65,7 +65,7 @@ class Trainer:
             # batch statistics over all processes; PyTorch's SyncBatchNorm has no CPU kernel, so on
             # CPU each process normalises with its own batch and DDP broadcasts rank 0's buffers
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup, self.method.unaveraged())
         self.phases = self.method.phases(self.model)
         o = cfg.optim
         self.optimizers = {p.name: torch.optim.AdamW(p.parameters, lr=p.lr or o.lr, betas=(o.beta1, o.beta2),

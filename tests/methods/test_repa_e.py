@@ -56,10 +56,77 @@ def test_the_discriminator_update_touches_neither_the_vae_nor_sit(built):
     for part in (model.extras["vae"], model.backbone, model.extras["projectors"]):
         assert all(g is None for g in grads(part))
     assert all(g is not None for g in grads(model.extras["discriminator"]))
-    # hinge loss: relu(1 - D(x)) + relu(1 + D(G(z)))
+    # hinge loss: 0.5 (relu(1 - D(x)) + relu(1 + D(G(z))))
     disc = model.extras["discriminator"]
-    expected = F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(method.latents["recon"])).mean()
+    expected = 0.5 * (F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(method.latents["recon"])).mean())
     assert torch.allclose(terms["disc"].value, expected)
+
+
+def test_the_sit_update_reuses_the_vae_updates_t_and_noise(built):
+    method, model, batch = built
+    method.vae_losses(model, batch, TrainContext(0, None))
+    t, eps = method.latents["t"], method.latents["eps"]
+    torch.manual_seed(123)  # whatever the RNG says now, update 3 noises with update 1's draws
+    x = model.extras["bn"].eval()(method.latents["z"])
+    model.extras["bn"].train()
+    assert method.noise(model, x) == (t, eps)
+    seen = {}
+    real = method.path.interpolate
+    method.path.interpolate = lambda x, e, tt: seen.update(eps=e, t=tt) or real(x, e, tt)
+    method.loss_terms(model, batch, TrainContext(0, None))
+    assert seen["eps"] is eps and seen["t"] is t
+
+
+def test_the_gan_term_sees_the_discriminator_in_training_mode_without_training_it(built):
+    method, model, batch = built
+    disc = model.extras["discriminator"]
+    bn = next(m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    terms = method.vae_losses(model, batch, TrainContext(0, None))
+    assert not torch.equal(bn.running_mean, before)   # batch statistics: BN in training mode, as officially
+    assert disc.training and all(p.requires_grad for p in disc.parameters())  # restored afterwards
+    model.zero_grad(set_to_none=True)
+    terms["gan"].value.backward()
+    assert all(p.grad is None for p in disc.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.extras["vae"].parameters())
+
+
+def test_the_discriminator_starts_from_taming_weights_init(micro_cfg):
+    from methods.repa_e import PatchDiscriminator
+
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(64, 3)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    norms = [m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    weights = torch.cat([c.weight.detach().flatten() for c in convs])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.02)
+    gammas = torch.cat([n.weight.detach() for n in norms])
+    assert gammas.mean().item() == pytest.approx(1.0, abs=0.01) and gammas.std().item() == pytest.approx(0.02, rel=0.2)
+    assert all(not n.bias.any() for n in norms)
+
+
+def test_the_ema_copies_the_vae_and_averages_the_rest(micro_cfg):
+    from zoo.trainer import Trainer
+
+    trainer = Trainer(micro_cfg("repa_e", "train.ema_decay=0.5"), run_dir=None, progress=False)
+    trainer.train_step(next(trainer.loader.iterate(0)))
+    live, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
+    vae_keys = [k for k in live if k.startswith("extras.vae.")]
+    assert vae_keys and all(torch.equal(live[k], ema[k]) for k in vae_keys)
+    moved = [k for k in live if k.startswith("backbone.") and not torch.equal(live[k], ema[k])]
+    assert moved  # averaged with decay 0.5: between the initial and the live weights
+
+
+def test_lpips_rescale_feeds_x_times_2_minus_1(built):
+    method, model, batch = built
+    seen = []
+    method.lpips = lambda a, b: seen.append((a, b)) or (a - b).abs().flatten(1).mean(1)
+    method.options.lpips_rescale = True
+    method.vae_losses(model, batch, TrainContext(0, None))
+    assert torch.allclose(seen[0][1], batch["image"] * 2 - 1)
+    method.options.lpips_rescale = False
+    method.vae_losses(model, batch, TrainContext(0, None))
+    assert torch.equal(seen[1][1], batch["image"])
 
 
 def test_three_phases_with_their_own_parameters_and_learning_rates(built):
