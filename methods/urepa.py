@@ -8,6 +8,8 @@ the teacher's (full-resolution) token grid, `z = up(h_phi(h_t))`. Then
 
     L_token    = -1/N sum_n cos( y*[n], z[n] )                       (REPA's token-wise loss)
     L_manifold = || H H^T - Y Y^T ||_F^2 / B^2,   H = normalize(mean_n z),  Y = normalize(mean_n y*)
+                 (`manifold_form=pooled`); or, as in public ports (`flattened`, with lambda 0.8 there),
+                 the same with H, Y the flattened [B, N*D] matrices of L2-normalised tokens
 
 both averaged over teachers when there are several, both in fp32. Teachers, projectors and the feature
 cache are REPA's (this class subclasses it); sampling is unchanged.
@@ -29,6 +31,7 @@ from zoo.method import Term
 from zoo.registry import register
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
+MANIFOLD_FORMS = ("pooled", "flattened")
 
 
 @dataclass
@@ -39,6 +42,7 @@ class URepaConfig(TeacherOptions):
     upsample: str = "bilinear"      # projected tokens -> teacher grid: bilinear | bicubic | nearest
     proj_coeff: float = 0.5         # lambda (0.5 in one port, 0.8 in another: unverified)
     manifold_coeff: float = 3.0     # w
+    manifold_form: str = "pooled"   # pooled: Gram of normalised token means | flattened: of normalised tokens (ports)
 
 
 @register
@@ -51,6 +55,8 @@ class URepa(REPA):
         super().__init__(cfg, data_info)
         if self.options.upsample not in UPSAMPLE_MODES:
             raise ConfigError(f"urepa.upsample={self.options.upsample!r}; valid: {', '.join(UPSAMPLE_MODES)}")
+        if self.options.manifold_form not in MANIFOLD_FORMS:
+            raise ConfigError(f"urepa.manifold_form={self.options.manifold_form!r}; valid: {', '.join(MANIFOLD_FORMS)}")
 
     def stages(self) -> tuple:
         return resolve_stages(self.cfg.model, self.options.stages, f"{self.name}.stages")
@@ -66,7 +72,7 @@ class URepa(REPA):
     def extra_losses(self, model, state, ctx) -> dict:
         (k,) = self.hidden_layers()
         token, manifold = urepa_losses(state.output.hidden[k], model.extras["projectors"], state.targets["tokens"],
-                                       self.options.upsample)
+                                       self.options.upsample, self.options.manifold_form)
         lam = self.options.proj_coeff
         return {"token": Term(token, lam), "manifold": Term(manifold, lam * self.options.manifold_coeff)}
 
@@ -98,23 +104,31 @@ def project_then_upsample(hidden: Tensor, projector, grid: int, mode: str = "bil
     return upsample_tokens(projector(hidden), grid, mode)
 
 
-def manifold_loss(features: Tensor, targets: Tensor) -> Tensor:
-    """|| H H^T - Y Y^T ||_F^2 / B^2 with H, Y the L2-normalised token means of each sample, in fp32.
+def manifold_loss(features: Tensor, targets: Tensor, form: str = "pooled") -> Tensor:
+    """|| H H^T - Y Y^T ||_F^2 / B^2 (the mean squared difference of two B x B Gram matrices), in fp32.
 
-    H H^T holds the cosine similarities between the batch's samples; the loss matches the student's
-    sample-to-sample structure to the teacher's, whatever their widths.
+    pooled     H, Y: the L2-normalised token means of each sample; H H^T holds the cosine similarities between
+               the batch's samples, so the loss matches the student's sample-to-sample structure to the
+               teacher's, whatever their widths.
+    flattened  H, Y: each sample's L2-normalised tokens flattened to one [N * D] row (public ports); an entry
+               of H H^T is then the sum over tokens of their cosines, up to N.
     """
     with torch.autocast(features.device.type, enabled=False):
-        h = F.normalize(features.float().mean(dim=1), dim=-1)
-        y = F.normalize(targets.float().mean(dim=1), dim=-1)
+        if form == "flattened":
+            h = F.normalize(features.float(), dim=-1).flatten(1)
+            y = F.normalize(targets.float(), dim=-1).flatten(1)
+        else:
+            h = F.normalize(features.float().mean(dim=1), dim=-1)
+            y = F.normalize(targets.float().mean(dim=1), dim=-1)
         return ((h @ h.T - y @ y.T) ** 2).sum() / h.shape[0] ** 2
 
 
-def urepa_losses(hidden: Tensor, projectors, targets: list, mode: str = "bilinear") -> tuple[Tensor, Tensor]:
+def urepa_losses(hidden: Tensor, projectors, targets: list, mode: str = "bilinear",
+                 manifold_form: str = "pooled") -> tuple[Tensor, Tensor]:
     """(L_token, L_manifold) of the hidden tokens against each teacher's tokens, averaged over teachers."""
     token, manifold = [], []
     for proj, y in zip(projectors, targets):
         z = project_then_upsample(hidden, proj, token_grid_side(y), mode)
         token.append(negative_cosine(z, y))
-        manifold.append(manifold_loss(z, y))
+        manifold.append(manifold_loss(z, y, manifold_form))
     return torch.stack(token).mean(), torch.stack(manifold).mean()

@@ -48,6 +48,24 @@ def test_manifold_loss_matches_a_transcription_of_the_equation():
     assert torch.allclose(manifold_loss(features, targets), expected, atol=1e-6)
 
 
+def test_flattened_manifold_form_is_the_ports_gram_of_normalised_tokens_with_mse():
+    torch.manual_seed(3)
+    features, targets = torch.randn(4, 6, 8), torch.randn(4, 6, 5)
+    h = F.normalize(features, dim=-1).reshape(4, -1)
+    y = F.normalize(targets, dim=-1).reshape(4, -1)
+    expected = F.mse_loss(h @ h.T, y @ y.T)           # the port: mse over the B x B entries
+    assert torch.allclose(manifold_loss(features, targets, "flattened"), expected, atol=1e-5)
+    assert not torch.allclose(manifold_loss(features, targets, "pooled"), expected, atol=1e-3)
+
+
+def test_manifold_form_is_checked_and_reaches_the_loss(micro_cfg):
+    from zoo.sampling import build_method
+
+    with pytest.raises(ConfigError, match="urepa.manifold_form"):
+        build_method(micro_cfg("urepa", "urepa.manifold_form=gram"))
+    assert build_method(micro_cfg("urepa", "urepa.manifold_form=flattened")).options.manifold_form == "flattened"
+
+
 def test_manifold_loss_is_zero_up_to_normalisation_and_permutation_invariant():
     torch.manual_seed(1)
     targets = torch.randn(6, 4, 8)
