@@ -91,6 +91,14 @@ class REPA(Method):
         return {"repa": Term(repa_loss(state.output.hidden[self.options.encoder_depth], model.extras["projectors"],
                                        state.targets["tokens"]), self.options.proj_coeff)}
 
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """REPA's SiT with its `projectors.{e}` (the same Linear-SiLU-Linear-SiLU-Linear layout as the zoo's)."""
+        from zoo.backbones.official import take
+
+        state, unused = super().from_official(official)
+        projectors, unused = take({k: official[k] for k in unused}, "projectors.", "extras.projectors.")
+        return {**state, **projectors}, unused
+
 
 def repa_loss(hidden: torch.Tensor, projectors, targets: list) -> torch.Tensor:
     """L_REPA: the negative token-wise cosine of each projector's output to its encoder's tokens, averaged

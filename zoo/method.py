@@ -260,6 +260,16 @@ class Method:
             return self.vae.decode(state)
         return state
 
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """An official model's state dict as this method's ZooModel state dict, and the official keys it left unused.
+
+        The default reads a SiT (zoo/backbones/official.py); methods with heads or another backbone add theirs.
+        """
+        from zoo.backbones.official import prefixed, sit_state
+
+        state, unused = sit_state(official, self.state_shape()[0])
+        return prefixed(state, "backbone."), unused
+
     def export_vae(self, model: ZooModel):
         """A VAE this method tuned, as a diffusers AutoencoderKL (`zoo export-vae`); None: it tunes none."""
         return None

@@ -1,0 +1,38 @@
+"""Golden outputs of the official implementations (fixtures/, see README.md) and how to build the zoo beside them."""
+from pathlib import Path
+
+import torch
+
+from zoo.config import load_config
+from zoo.method import DataInfo
+from zoo.registry import get_method_class
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TOL = 1e-5   # max abs difference in fp32
+
+
+def fixture(name: str) -> dict:
+    return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+
+
+def official_method(name: str, data: DataInfo, *overrides):
+    """The zoo's method `name` on the micro preset (CPU, fp32) with `overrides`, for a diffusion state of `data`'s
+    shape and classes (the official fixtures are 4x8x8 latents)."""
+    cfg = load_config(name, ["preset=micro", "train.device=cpu", *overrides])
+    return get_method_class(name)(cfg, data)
+
+
+def loaded(method, state_dict: dict):
+    """The method's model with the official weights, through `Method.from_official`; every key must be used."""
+    model = method.build_model()
+    state, unused = method.from_official(state_dict)
+    assert not unused, f"official keys left unused: {unused}"
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def assert_close(actual, expected, tol=TOL, what=""):
+    expected = expected.to(actual.dtype) if torch.is_tensor(expected) else torch.as_tensor(expected)
+    diff = (actual.detach() - expected).abs().max().item()
+    assert diff <= tol, f"{what}: max abs difference {diff:.3g} > {tol:g}"
+
