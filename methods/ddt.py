@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from methods.repa import REPA, REPAConfig
-from zoo.backbones.ddt import build_ddt
+from zoo.backbones.ddt import build_ddt, split_depth
 from zoo.errors import ConfigError
 from zoo.method import SamplingOption
 from zoo.registry import register
@@ -48,6 +48,15 @@ class DDT(REPA):
             raise ConfigError(f"ddt.encoder_depth={k}: REPA aligns an encoder block, and this DDT's encoder has "
                               f"blocks 1..{backbone.encoder_depth} (model.depth - ddt.decoder_depth)")
         return super().build_extras(backbone)
+
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """The released DDT's denoiser (zoo/backbones/official.py) and, under `proj.0.`, its REPA projector."""
+        from zoo.backbones.official import ddt_state, prefixed, take
+
+        _, encoder_depth, _ = split_depth(self.cfg.model, self.options.decoder_depth)
+        state, unused = ddt_state(official, encoder_depth, self.state_shape()[0])
+        projector, unused = take({k: official[k] for k in unused}, "proj.0.", "extras.projectors.0.")
+        return {**prefixed(state, "backbone."), **projector}, unused
 
     @classmethod
     def sampling_options(cls) -> list:

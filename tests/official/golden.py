@@ -36,3 +36,22 @@ def assert_close(actual, expected, tol=TOL, what=""):
     diff = (actual.detach() - expected).abs().max().item()
     assert diff <= tol, f"{what}: max abs difference {diff:.3g} > {tol:g}"
 
+
+
+def zoo_entries(method, official: dict, key: str, value):
+    """Where the official tensor `key` (here holding `value`, e.g. its gradient) lands in the zoo's state dict:
+    [(zoo key, value there, mask of the entries it fills)], through `Method.from_official`."""
+    probe = {k: torch.zeros_like(v) for k, v in official.items()}
+    values, _ = method.from_official({**probe, key: value})
+    masks, _ = method.from_official({**probe, key: torch.ones_like(value)})
+    return [(k, values[k], masks[k] != 0) for k in masks if masks[k].any()]
+
+
+def assert_grads(method, model, official: dict, grads: dict, tol=TOL):
+    """Each official gradient equals the zoo's on the entries its parameter maps to."""
+    params = dict(model.named_parameters())
+    for key, grad in grads.items():
+        entries = zoo_entries(method, official, key, grad)
+        assert entries, f"{key} maps to nothing"
+        for zoo_key, expected, mask in entries:
+            assert_close(params[zoo_key].grad[mask], expected[mask], tol, what=f"gradient of {key} ({zoo_key})")

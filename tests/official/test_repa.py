@@ -3,7 +3,7 @@ velocity, projector outputs, losses and gradients. REPA's convention is the zoo'
 import pytest
 import torch
 
-from golden import assert_close, fixture, loaded, official_method
+from golden import assert_close, assert_grads, fixture, loaded, official_method
 from zoo.config import load_config
 from zoo.method import DataInfo, TrainContext
 
@@ -50,10 +50,7 @@ def test_loss_terms_total_and_gradients_equal_the_official_loss(monkeypatch, wei
     total = sum(term.weight * term.value for term in terms.values())  # the trainer's sum
     assert_close(total, expected["total"], what="total")
     total.backward()
-    params = dict(model.named_parameters())
-    for name, grad in expected["grads"].items():
-        key = ("extras." if name.startswith("projectors.") else "backbone.") + name
-        assert_close(params[key].grad, grad, tol=1e-5, what=f"gradient of {name}")
+    assert_grads(method, model, golden["state_dict"], expected["grads"])
 
 
 @pytest.mark.parametrize("preset, depth", [("B", 4), ("XL", 8)])

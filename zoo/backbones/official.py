@@ -59,3 +59,48 @@ def take(official: dict, old: str, new: str) -> tuple[dict, list]:
     """The keys under `old` renamed to be under `new`, and the other keys."""
     mapped = {new + k[len(old):]: v for k, v in official.items() if k.startswith(old)}
     return mapped, [k for k in official if not k.startswith(old)]
+
+
+
+def ddt_state(official: dict, encoder_depth: int, channels: int) -> tuple[dict, list]:
+    """The released DDT (decoupled_improved_dit.py) of `channels` latent channels -> zoo/backbones/ddt.py.
+
+    Its patch embeddings are Linears over `unfold`ed patches (channel-major: c, i, j), the zoo's convolutions
+    hold the same numbers; its output is `fold`ed from (c, i, j) rows, the zoo unpatchifies (i, j, c) rows;
+    `blocks.{k}` are the encoder's for k < E, the decoder's after; SwiGLU's w1, w3 are the zoo's fused w12,
+    its w2 the zoo's w3; adaLN modulations (no SiLU) sit at index 0 officially, 1 in the zoo.
+    """
+    state, used = {}, set()
+
+    def put(new: str, old: str, value: Tensor | None = None) -> None:
+        state[new] = official[old] if value is None else value
+        used.add(old)
+
+    for name in ("x_embedder", "s_embedder"):
+        weight = official[f"{name}.proj.weight"]
+        patch = round((weight.shape[1] // channels) ** 0.5)
+        put(f"{name}.proj.weight", f"{name}.proj.weight", weight.reshape(weight.shape[0], channels, patch, patch))
+        put(f"{name}.proj.bias", f"{name}.proj.bias")
+    for key in official:
+        if key.startswith(("t_embedder.", "y_embedder.")):
+            put(key, key)
+    weight, bias = official["final_layer.linear.weight"], official["final_layer.linear.bias"]
+    pixels = weight.shape[0] // channels  # p * p
+    put("final_layer.linear.weight", "final_layer.linear.weight",
+        weight.reshape(channels, pixels, -1).transpose(0, 1).reshape(weight.shape))
+    put("final_layer.linear.bias", "final_layer.linear.bias", bias.reshape(channels, pixels).T.flatten())
+    for p in ("weight", "bias"):
+        put(f"final_layer.adaLN_modulation.1.{p}", f"final_layer.adaLN_modulation.0.{p}")
+    renamed = {"mlp.w2.weight": "mlp.w3.weight", "adaLN_modulation.0.weight": "adaLN_modulation.1.weight",
+               "adaLN_modulation.0.bias": "adaLN_modulation.1.bias"}
+    for k in sorted({int(key.split(".")[1]) for key in official if key.startswith("blocks.")}):
+        old = f"blocks.{k}."
+        new = f"encoder_blocks.{k}." if k < encoder_depth else f"decoder_blocks.{k - encoder_depth}."
+        for key in [key for key in official if key.startswith(old)]:
+            rest = key[len(old):]
+            if rest not in ("mlp.w1.weight", "mlp.w3.weight"):
+                put(new + renamed.get(rest, rest), key)
+        put(new + "mlp.w12.weight", old + "mlp.w1.weight",
+            torch.cat([official[old + "mlp.w1.weight"], official[old + "mlp.w3.weight"]]))
+        used.add(old + "mlp.w3.weight")
+    return state, [k for k in official if k not in used]
