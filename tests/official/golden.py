@@ -15,6 +15,12 @@ def fixture(name: str) -> dict:
     return torch.load(FIXTURES / f"{name}.pt", weights_only=True)
 
 
+def sit_overrides(config: dict) -> list:
+    """The zoo's `model.*` for an official SiT's constructor arguments."""
+    return ["model.size=custom", f"model.hidden={config['hidden_size']}", f"model.depth={config['depth']}",
+            f"model.heads={config['num_heads']}", f"model.patch={config['patch_size']}"]
+
+
 def official_method(name: str, data: DataInfo, *overrides):
     """The zoo's method `name` on the micro preset (CPU, fp32) with `overrides`, for a diffusion state of `data`'s
     shape and classes (the official fixtures are 4x8x8 latents)."""

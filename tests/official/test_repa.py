@@ -3,13 +3,14 @@ velocity, projector outputs, losses and gradients. REPA's convention is the zoo'
 import pytest
 import torch
 
-from golden import assert_close, assert_grads, fixture, loaded, official_method
+from golden import assert_close, assert_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
 from zoo.method import DataInfo, TrainContext
 
-REPA = ["model.size=custom", "model.hidden=64", "model.depth=3", "model.heads=4", "model.patch=2", "model.time_scale=1",
-        "repa.encoder_depth=2", "repa.projector_dim=64", "model.class_dropout=0"]
-ENCODER_DIMS = [32, 48]
+CONFIG = fixture("repa_forward")["config"]
+REPA = [*sit_overrides(CONFIG), "model.time_scale=1", f"repa.encoder_depth={CONFIG['encoder_depth']}",
+        f"repa.projector_dim={CONFIG['projector_dim']}", "model.class_dropout=0"]
+ENCODER_DIMS = CONFIG["z_dims"]
 
 
 def repa_method(monkeypatch):

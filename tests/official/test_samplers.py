@@ -5,14 +5,14 @@ import pytest
 import torch
 
 import zoo.samplers
-from golden import assert_close, fixture, loaded, official_method
+from golden import assert_close, fixture, loaded, official_method, sit_overrides
 from zoo.guidance import Guidance
 from zoo.method import DataInfo
 from zoo.samplers import build_sampler
 
-MODEL = ["model.size=custom", "model.hidden=32", "model.depth=2", "model.heads=2", "model.patch=2", "model.time_scale=1",
-         "repa.encoder_depth=1", "repa.projector_dim=32"]
 GOLDEN = fixture("repa_samplers")
+MODEL = [*sit_overrides(GOLDEN["config"]), "model.time_scale=1", f"repa.encoder_depth={GOLDEN['config']['encoder_depth']}",
+         f"repa.projector_dim={GOLDEN['config']['projector_dim']}"]
 RUNS = GOLDEN["config"]["runs"]
 
 
@@ -21,7 +21,7 @@ def zoo_model():
     import methods.repa
 
     real = methods.repa.encoder_dims
-    methods.repa.encoder_dims = lambda names, cfg: [32]
+    methods.repa.encoder_dims = lambda names, cfg: GOLDEN["config"]["z_dims"]
     try:
         method = official_method("repa", DataInfo(4, 8, 1000), *MODEL)
         return method, loaded(method, GOLDEN["state_dict"])

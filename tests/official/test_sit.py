@@ -7,18 +7,18 @@ its output, so that the zoo's samplers keep t = 1 as noise.
 import pytest
 import torch
 
-from golden import assert_close, fixture, loaded, official_method
+from golden import assert_close, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
 from zoo.errors import CheckpointError
 from zoo.method import DataInfo
 
-SIT = ["model.size=custom", "model.hidden=64", "model.depth=3", "model.heads=4", "model.patch=2",
-       "model.time_scale=1", "model.time_convention=data"]
+GOLDEN = fixture("sit_forward")
+SIT = [*sit_overrides(GOLDEN["config"]), "model.time_scale=1", "model.time_convention=data"]
 
 
 @pytest.fixture(scope="module")
 def golden():
-    return fixture("sit_forward")
+    return GOLDEN
 
 
 def test_the_official_sit_loads_by_key_names_and_gives_its_velocity_and_block_outputs(golden):
@@ -37,7 +37,8 @@ def test_the_position_table_is_the_official_one(golden):
     model = loaded(official_method("sit", DataInfo(4, 8, 10), *SIT), golden["state_dict"])
     assert_close(model.backbone.pos_embed, golden["state_dict"]["pos_embed"], tol=1e-6, what="pos_embed")
     swapped = golden["state_dict"]["pos_embed"].clone()
-    swapped = torch.cat([swapped[..., 32:], swapped[..., :32]], dim=-1)  # rows and columns exchanged
+    half = swapped.shape[-1] // 2
+    swapped = torch.cat([swapped[..., half:], swapped[..., :half]], dim=-1)  # rows and columns exchanged
     with pytest.raises(CheckpointError, match="sin-cos table"):
         official_method("sit", DataInfo(4, 8, 10), *SIT).from_official({**golden["state_dict"], "pos_embed": swapped})
 
