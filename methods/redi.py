@@ -6,10 +6,12 @@ components (zoo/pca.py), laid out on the token grid and resized bilinearly to th
 
     training   [x_t ; r_t] = alpha_t [x ; r] + sigma_t [eps_x ; eps_r]      one t, independent noise
                h = x_t W_x + r_t W_r   (one patch embedding of the concatenation: sequence length unchanged)
-               L = L_v(x part) + lambda_r L_v(r part); with p = 0.2 per batch the feature input is
-               zeroed and lambda_r = 0, so the model also learns v(x_t | no r)
-    sampling   v_x = v(x_t, no r) + w_r (v(x_t, r_t) - v(x_t, no r))           representation guidance
-               combined with CFG (w), each inside its own interval (`guided_velocity`);
+               L = L_v(x part) + lambda_r L_v(r part); with probability p per batch the features are
+               dropped (the clean r zeroed before noising, as officially) and lambda_r = 0, so the model
+               also learns v(x_t | no r) -- p = 0 officially, 0.2 when training for guidance
+    sampling   v = v(x_t, no r) + w_r (v(x_t, r_t) - v(x_t, no r))             representation guidance (all
+               channels), CFG (w) on the image channels (official --cfg-vae; `cfg_features` for all),
+               and both at once (the zoo's extension), each inside its own interval (`guided_velocity`);
                only the image channels are decoded.
 
 The teacher and its token cache are REPA's (this class reuses `REPA.setup` and `REPA.targets`); ReDi
@@ -36,14 +38,19 @@ from zoo.pca import FeaturePCA, load_or_fit, load_pca, pca_cache_path, pca_ident
 from zoo.registry import register
 
 PCA_COMMAND = "zoo prepare pca --method redi"
+DROPPED_FEATURES = ("noise", "zeros")
 
 
 @dataclass
 class ReDiConfig(TeacherOptions):  # exactly one encoder; the paper: dinov2-vit-b-reg
     rank: int = 8                   # r: principal components diffused beside the image
     feature_weight: float = 1.0     # lambda_r
-    feature_dropout: float = 0.2    # probability per batch that the features are dropped (trains RG)
-    whiten: bool = False            # scale each component to unit variance (calc_pca.py --whiten; default off)
+    feature_dropout: float = 0.0    # probability per batch that the features are dropped (0.2 trains RG)
+    dropped_features: str = "noise" # what a dropped batch shows in the feature channels: noise (the clean features
+                                    # zeroed before noising, official) | zeros (the input zeroed, as RG's pass sees it)
+    cfg_features: bool = False      # CFG also guides the feature channels (official default); False: --cfg-vae
+    whiten: bool = False            # scale each component to unit variance (the zoo's option; the official code
+                                    # never whitens)
     pca: str = ""                   # a fitted PCA file; "": the cache, keyed by encoder and data, fitted on first use
     pca_images: int = 76800         # training images (evenly spread) the PCA is fitted on (official: 300 batches of 256)
     rg_scale: float = 1.0           # w_r when sampling without --rg (1: no representation guidance)
@@ -65,6 +72,8 @@ class ReDi(REPA):
             raise ConfigError(f"redi.rank={o.rank}: at least one PCA component is needed")
         if not 0 <= o.feature_dropout <= 1:
             raise ConfigError(f"redi.feature_dropout={o.feature_dropout} is not a probability")
+        if o.dropped_features not in DROPPED_FEATURES:
+            raise ConfigError(f"redi.dropped_features={o.dropped_features!r}; valid: {', '.join(DROPPED_FEATURES)}")
         if o.pca_images < 2:
             raise ConfigError(f"redi.pca_images={o.pca_images}: the PCA needs at least 2 images")
         if len(o.rg_interval) != 2:
@@ -147,18 +156,20 @@ class ReDi(REPA):
         return p > 0 and bool(torch.rand(()) < p)
 
     def loss_terms(self, model, batch: dict, ctx) -> dict:
-        """L = L_v(x) + lambda_r L_v(r) on the jointly noised state; with feature dropout the feature input is
-        zeroed and lambda_r = 0 for the whole batch."""
+        """L = L_v(x) + lambda_r L_v(r) on the jointly noised state; a dropped batch has lambda_r = 0 and its
+        features zeroed: the clean ones before noising (`dropped_features=noise`) or the noisy input (`zeros`)."""
         x = self.encode(model, batch)
-        t, eps = self.noise(model, x)                         # independent noise for every channel of both parts
-        x_t = self.path.interpolate(x, eps, t)            # the same t for the image and its features
+        t, eps = self.noise(model, x)                     # independent noise for every channel of both parts
+        c = self.image_channels()
         dropped = self.drop_features()
-        if dropped:
-            x_t = without_features(x_t, self.image_channels())
+        if dropped and self.options.dropped_features == "noise":
+            x = without_features(x, c)
+        x_t = self.path.interpolate(x, eps, t)            # the same t for the image and its features
+        if dropped and self.options.dropped_features == "zeros":
+            x_t = without_features(x_t, c)
         y = self.drop_labels(model, batch["label"])
         v = model.backbone(x_t, t, y).velocity
         target = self.path.velocity_target(x, eps, t)
-        c = self.image_channels()
         return {"flow": Term(self.flow_loss(v[:, :c], target[:, :c])),
                 "features": Term(self.flow_loss(v[:, c:], target[:, c:]),
                                  0.0 if dropped else self.options.feature_weight)}
@@ -188,7 +199,8 @@ class ReDi(REPA):
             return backbone(x, t, y).velocity
 
         def field(x, t, step, guide_at=None):
-            return guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep, guide_at)
+            return guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep, guide_at,
+                                   cfg_features=self.options.cfg_features)
 
         return field
 
@@ -220,19 +232,20 @@ def without_features(state: Tensor, channels: int) -> Tensor:
 
 
 def guided_velocity(model_fn: Callable, x: Tensor, t: Tensor, y: Tensor, null_label: int, channels: int,
-                    cfg: Guidance, rg: Guidance, guide_at: Optional[Tensor] = None) -> Tensor:
-    """The joint velocity with CFG and representation guidance on the image channels, each inside its interval.
+                    cfg: Guidance, rg: Guidance, guide_at: Optional[Tensor] = None, cfg_features: bool = False) -> Tensor:
+    """The joint velocity with CFG and representation guidance, each inside its interval.
 
     With v(x, r, y) the model on the joint state, v(x, -, y) on the state with the features zeroed and
-    `-` for the null label, the image part is
+    `-` for the null label:
 
         neither    v(x, r, y)
-        CFG        v(x, r, -) + w (v(x, r, y) - v(x, r, -))                                  (official --cfg-vae)
-        RG         v(x, -, y) + w_r (v(x, r, y) - v(x, -, y))
-        both       v(x, -, -) + w (v(x, -, y) - v(x, -, -)) + w_r (v(x, r, y) - v(x, -, y))
+        CFG        v(x, r, -) + w (v(x, r, y) - v(x, r, -))                     (official forward_with_cfg[_vae])
+        RG         v(x, -, y) + w_r (v(x, r, y) - v(x, -, y))                   (official forward_with_rg)
+        both       v(x, -, -) + w (v(x, -, y) - v(x, -, -)) + w_r (v(x, r, y) - v(x, -, y))  (the zoo's extension)
 
-    and the feature part is always v(x, r, y)'s (the feature-dropped passes were trained without a feature
-    loss). All passes of a step run as one batch.
+    RG guides every channel, as the official code does; CFG's w applies to the image channels and, with
+    `cfg_features`, to the feature channels too -- otherwise w = 1 there (the official --cfg-vae: the feature
+    channels keep the conditional velocity under CFG alone). All passes of a step run as one batch.
     """
     when = t if guide_at is None else guide_at
     use_cfg, use_rg = cfg.active(when), rg.active(when)
@@ -245,10 +258,10 @@ def guided_velocity(model_fn: Callable, x: Tensor, t: Tensor, y: Tensor, null_la
         passes = [(x, y), (x, null) if use_cfg else (bare, y)]
     v = model_fn(torch.cat([p[0] for p in passes]), t.repeat(len(passes)), torch.cat([p[1] for p in passes]))
     v = v.chunk(len(passes))
-    joint = v[0]
+    w = torch.ones(1, x.shape[1], 1, 1, dtype=v[0].dtype, device=x.device)   # the CFG scale of each channel
+    w[:, :channels] = cfg.scale
+    if cfg_features:
+        w[:, channels:] = cfg.scale
     if use_cfg and use_rg:
-        image = v[2] + cfg.scale * (v[1] - v[2]) + rg.scale * (v[0] - v[1])
-    else:
-        scale = cfg.scale if use_cfg else rg.scale
-        image = v[1] + scale * (v[0] - v[1])
-    return torch.cat([image[:, :channels], joint[:, channels:]], dim=1)
+        return v[2] + w * (v[1] - v[2]) + rg.scale * (v[0] - v[1])
+    return v[1] + (w if use_cfg else rg.scale) * (v[0] - v[1])

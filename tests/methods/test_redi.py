@@ -114,16 +114,23 @@ def test_features_are_the_teachers_standardised_pca_coordinates_on_the_state_gri
     assert torch.allclose(method.targets(batch)["features"], expected, atol=1e-4)
 
 
-def test_feature_dropout_zeroes_the_feature_input_and_removes_the_feature_loss(micro_cfg):
-    method, model, cfg = redi(micro_cfg, "redi.feature_dropout=1")
+@pytest.mark.parametrize("dropped", ["noise", "zeros"])
+def test_feature_dropout_zeroes_the_features_and_removes_the_feature_loss(micro_cfg, dropped):
+    """Officially the clean features are zeroed before noising, so the model sees sigma_t eps in their channels
+    (`noise`); `zeros` zeroes the noisy input instead, as the representation-guidance pass sees it."""
+    method, model, cfg = redi(micro_cfg, "redi.feature_dropout=1", f"redi.dropped_features={dropped}")
     batch = first_batch(cfg)
     calls = spy_on_backbone(model)
     for p in model.parameters():  # a model whose feature outputs are not zero, so the feature loss has gradients
         p.data += 0.05 * torch.randn_like(p)
     torch.manual_seed(5)
     terms = method.loss_terms(model, batch, TrainContext(0, None))
-    (x_t, _, _), = calls
-    assert x_t[:, 3:].abs().max() == 0 and x_t[:, :3].abs().max() > 0
+    (x_t, t, _), = calls
+    torch.manual_seed(5)
+    t_ref = torch.rand(len(t))
+    eps = torch.randn_like(x_t)
+    expected = torch.zeros_like(x_t[:, 3:]) if dropped == "zeros" else t_ref[:, None, None, None] * eps[:, 3:]
+    assert torch.allclose(x_t[:, 3:], expected, atol=1e-6) and x_t[:, :3].abs().max() > 0
     assert terms["features"].weight == 0
     model.zero_grad()
     sum(term.weight * term.value for term in terms.values()).backward(retain_graph=True)
@@ -167,31 +174,34 @@ def test_rg_weight_one_and_no_cfg_is_the_unguided_joint_velocity(t):
     assert torch.equal(v, toy_model(x, tt, y))
 
 
-def test_rg_alone_matches_the_papers_formula_on_the_image_part():
+def test_rg_alone_matches_the_papers_formula_on_every_channel():
     x, y = guide_inputs()
     t, w_r = torch.full((4,), 0.5), 2.5
     v = guided_velocity(toy_model, x, t, y, NULL, 3, Guidance(), Guidance(w_r))
     with_r, without_r = toy_model(x, t, y), toy_model(without_features(x, 3), t, y)
-    assert torch.allclose(v[:, :3], without_r[:, :3] + w_r * (with_r[:, :3] - without_r[:, :3]), atol=1e-5)
-    assert torch.allclose(v[:, 3:], with_r[:, 3:])            # the features follow the unguided joint velocity
+    # the official forward_with_rg guides the feature channels too
+    assert torch.allclose(v, without_r + w_r * (with_r - without_r), atol=1e-5)
 
 
-def paper_cfg_plus_rg(model, x, t, y, w, w_r, channels=3):
+def paper_cfg_plus_rg(model, x, t, y, w, w_r, channels=3, cfg_features=False):
     """v = v(x_t, no r, no y) + w [v(x_t, no r, y) - v(x_t, no r, no y)] + w_r [v(x_t, r_t, y) - v(x_t, no r, y)],
-    each term a separate model call; features from v(x_t, r_t, y)."""
+    each term a separate model call; on the feature channels w = 1 (CFG of the image only) unless cfg_features."""
     bare = x.clone()
     bare[:, channels:] = 0
     null = torch.full_like(y, NULL)
     full, bare_y, bare_null = model(x, t, y), model(bare, t, y), model(bare, t, null)
     image = bare_null + w * (bare_y - bare_null) + w_r * (full - bare_y)
-    return torch.cat([image[:, :channels], full[:, channels:]], 1)
+    w_f = w if cfg_features else 1.0
+    features = bare_null + w_f * (bare_y - bare_null) + w_r * (full - bare_y)
+    return torch.cat([image[:, :channels], features[:, channels:]], 1)
 
 
-def test_cfg_plus_rg_matches_a_transcription_of_the_papers_formula():
+@pytest.mark.parametrize("cfg_features", [False, True])
+def test_cfg_plus_rg_matches_a_transcription_of_the_papers_formula(cfg_features):
     x, y = guide_inputs()
     t = torch.full((4,), 0.5)
-    v = guided_velocity(toy_model, x, t, y, NULL, 3, Guidance(1.8), Guidance(1.5))
-    assert torch.allclose(v, paper_cfg_plus_rg(toy_model, x, t, y, 1.8, 1.5), atol=1e-5)
+    v = guided_velocity(toy_model, x, t, y, NULL, 3, Guidance(1.8), Guidance(1.5), cfg_features=cfg_features)
+    assert torch.allclose(v, paper_cfg_plus_rg(toy_model, x, t, y, 1.8, 1.5, cfg_features=cfg_features), atol=1e-5)
 
 
 def test_cfg_plus_rg_through_the_methods_velocity_field(micro_cfg):
@@ -216,11 +226,13 @@ def test_a_guidance_weight_outside_its_interval_has_no_effect():
     assert torch.equal(guided_velocity(toy_model, x, t, y, NULL, 3, cfg_on, rg_off), cfg_only)
     assert torch.equal(guided_velocity(toy_model, x, t, y, NULL, 3, cfg_off, rg_on), rg_only)
     assert torch.equal(guided_velocity(toy_model, x, t, y, NULL, 3, cfg_off, rg_off), toy_model(x, t, y))
-    # CFG alone guides the image channels of the joint model, as the official --cfg-vae
+    # CFG alone guides the image channels of the joint model, as the official --cfg-vae; with cfg_features all
     null = torch.full_like(y, NULL)
     v_c, v_u = toy_model(x, t, y), toy_model(x, t, null)
     assert torch.allclose(cfg_only[:, :3], v_u[:, :3] + 2.0 * (v_c[:, :3] - v_u[:, :3]), atol=1e-5)
-    assert torch.equal(cfg_only[:, 3:], v_c[:, 3:])
+    assert torch.allclose(cfg_only[:, 3:], v_c[:, 3:], atol=1e-6)
+    every = guided_velocity(toy_model, x, t, y, NULL, 3, cfg_on, Guidance(), cfg_features=True)
+    assert torch.allclose(every, v_u + 2.0 * (v_c - v_u), atol=1e-5)
 
 
 def test_rg_defaults_come_from_the_config_and_unknown_options_are_refused(micro_cfg):
