@@ -90,6 +90,19 @@ class SRA(Method):
         return {"sra": Term(sra_loss(student, self.teacher_tokens(ctx.ema, state), o.distance), o.weight)}
 
 
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """SiT-SRA's SiT with its `ap_head` (Linear(D, 2D) -> SiLU -> Linear(2D, D)) as this method's head."""
+        from zoo.backbones.official import take
+
+        state, unused = super().from_official(official)
+        rest = {k: official[k] for k in unused}
+        head = {}
+        for old, new in (("ap_head.linear1.", "extras.projector.0."), ("ap_head.linear2.", "extras.projector.2.")):
+            mapped, _ = take(rest, old, new)
+            head.update(mapped)
+        return {**state, **head}, [k for k in unused if not k.startswith("ap_head.")]
+
+
 def sra_loss(student: torch.Tensor, teacher: torch.Tensor, distance: str) -> torch.Tensor:
     """L_SRA between the projected student tokens and the detached teacher tokens [B, N, D], in fp32.
 
