@@ -35,6 +35,8 @@ class DeepFlowConfig(TeacherOptions):  # the teacher's options: used only with r
     acc_coeff: float = 1.0          # lambda_acc
     acc_mlp_dim: int = 2048         # hidden width P of ACC_MLP (H -> P -> 2P -> P -> H)
     repa: bool = False              # REPA on the post-VeRA hidden states
+    legacy_scaling: bool = False    # clamp the time-gap modulation's scale to [-5, 5] (official --legacy-scaling,
+                                    # which its README asks for with REPA ("ssl-align"))
     # REPA's options (methods/repa.py), used only with repa=true
     projector_dim: int = 2048
     proj_coeff: float = 0.5
@@ -95,7 +97,8 @@ class DeepFlow(REPA):
     def build_backbone(self) -> nn.Module:
         c, size, _ = self.state_shape()
         return build_deepflow_sit(self.cfg.model, splits=self.splits, acc_dim=self.options.acc_mlp_dim,
-                                  input_size=size, in_channels=c, num_classes=self.data.num_classes)
+                                  input_size=size, in_channels=c, num_classes=self.data.num_classes,
+                                  legacy_scaling=self.options.legacy_scaling)
 
     def build_extras(self, backbone) -> dict:
         if not self.options.repa:
@@ -137,6 +140,20 @@ class DeepFlow(REPA):
                             o.acc_coeff)
         terms.update(self.extra_losses(model, FlowState(x, eps, t, x_t, y, out, targets, batch), ctx))
         return terms
+
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """The official DeepFlow (zoo/backbones/official.py) and, with REPA, its `projectors.{j}`, one per VeRA block
+        (one encoder)."""
+        from zoo.backbones.official import deepflow_state, prefixed
+
+        state, unused = deepflow_state(official)
+        state = prefixed(state, "backbone.")
+        if self.options.repa:
+            for key in [k for k in unused if k.startswith("projectors.")]:
+                _, j, rest = key.split(".", 2)
+                state[f"extras.projectors.{j}.0.{rest}"] = official[key]
+            unused = [k for k in unused if not k.startswith("projectors.")]
+        return state, unused
 
     def extra_losses(self, model, state: FlowState, ctx) -> dict:
         if not self.options.repa:

@@ -71,8 +71,9 @@ class CrossAttention(nn.Module):
 class VeRABlock(nn.Module):
     """Velocity refiner with acceleration: (branch tokens, input tokens, gap embedding) -> (a features, next hidden)."""
 
-    def __init__(self, dim: int, heads: int, acc_dim: int):
+    def __init__(self, dim: int, heads: int, acc_dim: int, clamp_scale: bool = False):
         super().__init__()
+        self.clamp_scale = clamp_scale   # the official `legacy_scaling`: the modulation's scale kept in [-5, 5]
         self.acc_mlp = acceleration_mlp(dim, acc_dim)
         self.norm = nn.LayerNorm(2 * dim, elementwise_affine=False, eps=1e-6)
         self.gap_modulation = nn.Sequential(nn.SiLU(), nn.Linear(2 * dim, 4 * dim))
@@ -82,6 +83,8 @@ class VeRABlock(nn.Module):
     def forward(self, h: Tensor, query: Tensor, gap: Tensor) -> tuple[Tensor, Tensor]:
         a = self.acc_mlp(h)
         shift, scale = self.gap_modulation(gap).unsqueeze(1).chunk(2, dim=-1)
+        if self.clamp_scale:
+            scale = scale.clamp(-5.0, 5.0)
         refined = self.refine(modulate(self.norm(torch.cat([h, a], dim=-1)), shift, scale))
         return a, self.cross_attention(query, refined)
 
@@ -98,7 +101,7 @@ def check_splits(splits: Sequence[int], depth: int) -> tuple[int, ...]:
 class DeepFlowSiT(nn.Module):
     def __init__(self, *, input_size: int, in_channels: int, num_classes: int, splits: Sequence[int],
                  patch: int = 2, hidden: int = 1152, depth: int = 24, heads: int = 16, acc_dim: int = 2048,
-                 rope: bool = False, rope_extent: float = 0.0, pos_embed: str = "sincos",
+                 legacy_scaling: bool = False, rope: bool = False, rope_extent: float = 0.0, pos_embed: str = "sincos",
                  time: TimeEmbedding = TimeEmbedding(), init: str = "dit", **block):
         super().__init__()
         options = BlockOptions(**block)
@@ -113,7 +116,7 @@ class DeepFlowSiT(nn.Module):
         self.register_buffer("pos_embed", position_table(pos_embed, hidden, self.x_embedder.grid), persistent=False)
         self.rope = RoPE2D(hidden // heads, self.x_embedder.grid, extent=rope_extent) if rope else None
         self.blocks = nn.ModuleList(options.block(hidden, heads) for _ in range(depth))
-        self.vera = nn.ModuleList(VeRABlock(hidden, heads, acc_dim) for _ in self.splits)
+        self.vera = nn.ModuleList(VeRABlock(hidden, heads, acc_dim, legacy_scaling) for _ in self.splits)
         self.intermediate_head = options.final_layer(hidden, patch, self.out_channels)  # shared by branches 1..K-1
         self.acceleration_head = options.final_layer(hidden, patch, self.out_channels)  # shared by every VeRA block
         self.final_layer = options.final_layer(hidden, patch, self.out_channels)
@@ -180,8 +183,9 @@ class DeepFlowSiT(nn.Module):
 
 
 def build_deepflow_sit(model_cfg, *, splits: Sequence[int], acc_dim: int, input_size: int, in_channels: int,
-                       num_classes: int) -> DeepFlowSiT:
+                       num_classes: int, legacy_scaling: bool = False) -> DeepFlowSiT:
     from zoo.backbones.sit import architecture, resolve_size
 
     return DeepFlowSiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes, splits=splits,
-                       acc_dim=acc_dim, patch=model_cfg.patch, **architecture(model_cfg), **resolve_size(model_cfg))
+                       acc_dim=acc_dim, legacy_scaling=legacy_scaling, patch=model_cfg.patch,
+                       **architecture(model_cfg), **resolve_size(model_cfg))

@@ -104,3 +104,42 @@ def ddt_state(official: dict, encoder_depth: int, channels: int) -> tuple[dict, 
             torch.cat([official[old + "mlp.w1.weight"], official[old + "mlp.w3.weight"]]))
         used.add(old + "mlp.w3.weight")
     return state, [k for k in official if k not in used]
+
+
+def deepflow_state(official: dict) -> tuple[dict, list]:
+    """The official DeepFlow (models/deepflow.py) -> zoo/backbones/deepflow.py: the SiT part keeps its keys;
+    `df_blocks` are the VeRA blocks (`acc_norm` the time-gap modulation and refining MLP, `cross_attention` with
+    PyTorch's MultiheadAttention packing q, k, v in one matrix), `dt_embedder` the gap embedder, `final_layer.0`
+    the shared intermediate head, `final_layer.1` the last branch's, `final_acc_layer` the acceleration head."""
+    renames = {"dt_embedder.": "gap_embedder.", "final_layer.0.": "intermediate_head.", "final_layer.1.": "final_layer.",
+               "final_acc_layer.": "acceleration_head."}
+    inner = {"acc_norm.adaLN_modulation.": "gap_modulation.", "acc_norm.mlp.fc1.": "refine.0.",
+             "acc_norm.mlp.fc2.": "refine.2.", "cross_attention.multihead_attn.out_proj.": "cross_attention.proj.",
+             "cross_attention.layer_norm.": "cross_attention.norm.", "acc_mlp.": "acc_mlp."}
+    state, used = {}, set()
+    for key, value in official.items():
+        new = None
+        if key.startswith(("x_embedder.", "t_embedder.", "y_embedder.", "blocks.")):
+            new = key
+        for old, to in renames.items():
+            if key.startswith(old):
+                new = to + key[len(old):]
+        if key.startswith("df_blocks."):
+            _, j, rest = key.split(".", 2)
+            for old, to in inner.items():
+                if rest.startswith(old):
+                    new = f"vera.{j}.{to}{rest[len(old):]}"
+            if rest.startswith("cross_attention.multihead_attn.in_proj_"):  # [q; k; v] -> q and [k; v]
+                kind = rest.rsplit("_", 1)[1]
+                dim = value.shape[0] // 3
+                state[f"vera.{j}.cross_attention.q.{kind}"] = value[:dim]
+                state[f"vera.{j}.cross_attention.kv.{kind}"] = value[dim:]
+                used.add(key)
+                continue
+        if new is not None:
+            state[new] = value
+            used.add(key)
+    if "pos_embed" in official:
+        check_position_table(official["pos_embed"])
+        used.add("pos_embed")
+    return state, [k for k in official if k not in used]
