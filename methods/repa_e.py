@@ -127,6 +127,14 @@ class REPAE(REPA):
     def unaveraged(self) -> tuple:
         return ("extras.vae.",)
 
+    def from_official(self, official: dict) -> tuple[dict, list]:
+        """REPA-E's SiT: REPA's keys plus the latent BatchNorm `bn` (the VAE and discriminator are separate files)."""
+        from zoo.backbones.official import take
+
+        state, unused = super().from_official(official)
+        bn, unused = take({k: official[k] for k in unused}, "bn.", "extras.bn.")
+        return {**state, **bn}, unused
+
     def phases(self, model) -> list:
         o, ex = self.options, model.extras
         return [Phase("vae", list(ex["vae"].parameters()), self.vae_losses, lr=o.vae_lr),
@@ -135,11 +143,21 @@ class REPAE(REPA):
 
     # ---------------------------------------------------------------- 1. the VAE update
     def vae_losses(self, model, batch: dict, ctx) -> dict:
-        o, ex = self.options, model.extras
-        images = batch["image"]
-        mean, std = ex["vae"].posterior(images)
+        ex = model.extras
+        mean, std = ex["vae"].posterior(batch["image"])
         z = mean + std * torch.randn_like(std)
         recon = ex["vae"].decode_latent(z)
+        align, t, eps = self.latent_alignment(model, z, batch)
+        # what updates 2 and 3 of this step read (phases run in order, on this process): update 3 reuses t and eps
+        self.latents = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
+        terms = self.reconstruction_terms(model, batch["image"], recon, mean, std)
+        terms["repa_vae"] = Term(align, self.options.vae_proj_coeff)
+        return terms
+
+    def latent_alignment(self, model, z, batch: dict) -> tuple:
+        """(L_REPA of the non-detached latent z through the frozen SiT, its t, its noise): BN with its running
+        statistics, SiT and projectors in eval mode and without parameter gradients; no label dropout."""
+        ex = model.extras
         bn = ex["bn"]
         state = F.batch_norm(z, bn.running_mean, bn.running_var, training=False, eps=bn.eps)  # statistics fixed
         with frozen(model.backbone, ex["projectors"]):
@@ -147,17 +165,19 @@ class REPAE(REPA):
                 targets = self.targets(batch)
             t, eps = Method.noise(self, model, state)
             x_t = self.path.interpolate(state, eps, t)
-            k = o.encoder_depth
+            k = self.options.encoder_depth
             hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
-            align = repa_loss(hidden, ex["projectors"], targets["tokens"])
-        # what updates 2 and 3 of this step read (phases run in order, on this process): update 3 reuses t and eps
-        self.latents = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
-        with frozen(ex["discriminator"], eval_mode=False):  # batch statistics, as the official generator step
-            fake_logits = ex["discriminator"](recon)
+            return repa_loss(hidden, ex["projectors"], targets["tokens"]), t, eps
+
+    def reconstruction_terms(self, model, images, recon, mean, std) -> dict:
+        """L1 (a pixel mean), KL (summed over the latent, averaged over the batch), the generator's GAN term through
+        the discriminator in training mode (batch statistics, as the official generator step) and LPIPS."""
+        o, disc = self.options, model.extras["discriminator"]
+        with frozen(disc, eval_mode=False):
+            fake_logits = disc(recon)
         terms = {"l1": Term((recon - images).abs().mean(), o.l1_weight),
                  "kl": Term(kl_to_standard_normal(mean, std), o.kl_weight),
-                 "gan": Term(-fake_logits.mean(), o.gan_weight),
-                 "repa_vae": Term(align, o.vae_proj_coeff)}
+                 "gan": Term(-fake_logits.mean(), o.gan_weight)}
         if self.lpips is not None:
             rescale = (lambda x: x * 2 - 1) if o.lpips_rescale else (lambda x: x)
             terms["lpips"] = Term(self.lpips(rescale(recon), rescale(images)).mean(), o.lpips_weight)
