@@ -121,3 +121,15 @@ def test_the_paper_presets_are_the_official_scripts(preset, splits, weights, dep
     assert (list(cfg.deepflow.splits), list(cfg.deepflow.weights), cfg.model.depth) == (splits, weights, depth)
     assert (cfg.model.time_scale, cfg.flow.time, cfg.deepflow.time_gap, cfg.optim.grad_clip) == \
         (1.0, "logit_normal", 0.01, 1.0)
+
+
+@pytest.mark.parametrize("preset, official", [("B", 166_004_784), ("XL", 681_264_432)])
+def test_parameter_counts_equal_the_official_models(preset, official):
+    """DeepFlow-B/2-2T and XL/2-3T as the official scripts build them (166,201,392 and 681,559,344 with the frozen
+    pos_embed parameter, which the zoo holds as a buffer)."""
+    from zoo.backbones.sit import count_parameters
+
+    cfg = load_config("deepflow", [f"preset={preset}", "data.num_classes=1000"])
+    method = type(official_method("deepflow", DataInfo(4, 32, 1000)))(cfg, DataInfo(4, 32, 1000))
+    with torch.device("meta"):
+        assert count_parameters(method.build_backbone()) == official
