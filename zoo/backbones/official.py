@@ -4,7 +4,7 @@ The zoo's SiT uses the official key names (willisma/SiT, REPA, REPA-E, SRA, Laye
 them), its time embedding and position table follow the official ones, so a SiT checkpoint maps almost
 one to one; DDT and DeepFlow need renaming. Each function takes the official model's `state_dict()` and
 returns (the zoo backbone's state dict, the official keys it did not use). Methods add their heads
-(`Method.from_official`); `zoo import` and the golden tests (tests/official/) use the same functions.
+(`Method.from_official`); the golden tests (tests/official/) load the official weights through them.
 """
 from __future__ import annotations
 
