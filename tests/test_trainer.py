@@ -103,3 +103,55 @@ def test_ema_update_is_a_lerp_with_warmup():
     d = min(0.99, 1 / 10)
     assert torch.allclose(ema.module.weight, d * start + (1 - d) * model.weight)
     assert EMA(model, 0.99).decay_at(0) == 0.99 and not ema.module.weight.requires_grad
+
+
+def test_gradients_are_clipped_to_optim_grad_clip_and_the_logged_norm_is_before_clipping(micro_cfg):
+    from zoo.trainer import Trainer
+
+    def norm_at_the_optimizer_step(clip):
+        """(the gradient norm the optimizer steps with, the logged grad_norm) of one step."""
+        trainer = Trainer(micro_cfg("sit", f"optim.grad_clip={clip}"), run_dir=None, progress=False)
+        opt, seen = trainer.optimizers["model"], {}
+        real_step = opt.step
+
+        def step(*args, **kwargs):
+            grads = [p.grad for p in trainer.phases[0].parameters if p.grad is not None]
+            seen["norm"] = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+            return real_step(*args, **kwargs)
+
+        opt.step = step
+        logs = trainer.train_step(next(trainer.loader.iterate(0)))
+        return seen["norm"], logs["grad_norm"].item()
+
+    stepped, logged = norm_at_the_optimizer_step(0.001)
+    assert stepped == pytest.approx(0.001, rel=1e-3)    # clipped to the bound
+    assert logged > 0.01                                # the norm before clipping is what is logged
+    stepped, logged = norm_at_the_optimizer_step(0)
+    assert stepped == pytest.approx(logged, rel=1e-4) and logged > 0.01   # 0: no clipping at all
+
+
+def test_warmup_ramps_the_learning_rate_linearly_from_the_first_step(micro_cfg):
+    from zoo.trainer import Trainer
+
+    trainer = Trainer(micro_cfg("sit", "optim.lr=1e-3", "optim.warmup_steps=4"), run_dir=None, progress=False)
+    batches = trainer.loader.iterate(0)
+    lrs = []
+    for _ in range(6):
+        trainer.train_step(next(batches))
+        lrs.append(trainer.optimizers["model"].param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    flat = Trainer(micro_cfg("sit", "optim.lr=1e-3"), run_dir=None, progress=False)
+    flat.train_step(next(flat.loader.iterate(0)))
+    assert flat.optimizers["model"].param_groups[0]["lr"] == 1e-3
+
+
+def test_ema_warmup_is_used_by_the_trainer(micro_cfg):
+    from zoo.trainer import Trainer
+
+    trainer = Trainer(micro_cfg("sit", "train.ema_decay=0.999", "train.ema_warmup=true"), run_dir=None, progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train_step(next(trainer.loader.iterate(0)))
+    decay = 1 / 10                                               # min(0.999, (1 + 0) / (10 + 0))
+    live, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
+    key = "backbone.final_layer.linear.weight"
+    assert torch.allclose(ema[key], before[key] * decay + live[key] * (1 - decay), atol=1e-7)

@@ -215,8 +215,17 @@ def iter_batches(cfg):
     return BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0)
 
 
-def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers_grid(micro_cfg, seeded_loss):
-    cfg = micro_cfg("urepa", "urepa.feature_cache=never", "model.class_dropout=0")
+def flattened_manifold(z, y):
+    """The ports' form: Gram matrices of each sample's flattened, token-normalised features, their MSE."""
+    h, g = F.normalize(z, dim=-1).flatten(1), F.normalize(y, dim=-1).flatten(1)
+    return F.mse_loss(h @ h.T, g @ g.T)
+
+
+@pytest.mark.parametrize("mode, form", [("bilinear", "pooled"), ("bicubic", "flattened"), ("nearest", "pooled")])
+def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers_grid(micro_cfg, seeded_loss, mode,
+                                                                                     form):
+    cfg = micro_cfg("urepa", "urepa.feature_cache=never", "model.class_dropout=0", f"urepa.upsample={mode}",
+                    f"urepa.manifold_form={form}")
     method = build_method(cfg)
     method.setup("cpu")
     model = method.build_model()
@@ -232,11 +241,13 @@ def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers
     y = method.encoders[0](x)
     assert y.shape[1] == 64  # the teacher's tokens are on the full-resolution 8x8 grid
     proj = model.extras["projectors"][0]
-    z = F.interpolate(proj(hidden).transpose(1, 2).reshape(len(x), -1, 4, 4), size=(8, 8), mode="bilinear",
-                      align_corners=False).flatten(2).transpose(1, 2)
+    grid = proj(hidden).transpose(1, 2).reshape(len(x), -1, 4, 4)
+    z = F.interpolate(grid, size=(8, 8), mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+    z = z.flatten(2).transpose(1, 2)
     assert set(terms) == {"flow", "token", "manifold"}
     assert torch.allclose(terms["token"].value, negative_cosine(z, y), atol=1e-5)
-    assert torch.allclose(terms["manifold"].value, reference_manifold_loss(z, y), atol=1e-5)
+    manifold = reference_manifold_loss(z, y) if form == "pooled" else flattened_manifold(z, y)
+    assert torch.allclose(terms["manifold"].value, manifold, atol=1e-5)
     lam, w = cfg.urepa.proj_coeff, cfg.urepa.manifold_coeff
     assert (lam, w) == (0.5, 3.0)
     assert terms["token"].weight == lam and terms["manifold"].weight == pytest.approx(lam * w)
