@@ -306,16 +306,19 @@ def unpatchify(tokens: Tensor, patch: int, channels: int) -> Tensor:
 def init_weights(module: nn.Module, scheme: str = "dit") -> None:
     """A backbone's initialisation (`model.init`).
 
-    dit: DiT's -- xavier linears, zero biases, zero adaLN modulation in every block and zero output layers.
-    ddt: DDT's official -- only the patch embeddings (xavier), the label table and time MLP weights
-         (N(0, 0.02)) and the output layer (zero) are set; everything else keeps PyTorch's default
-         initialisation, adaLN of the blocks included.
+    dit: DiT's -- xavier linears and zero biases everywhere, then the patch embeddings xavier, the label
+         table and time MLP weights N(0, 0.02), the adaLN modulation of every block and the output layer zero.
+    ddt: DDT's official -- only the patch embeddings, the label table, the time MLP weights and the output
+         layer as above; everything else keeps PyTorch's default initialisation, the blocks' adaLN included.
     """
     if scheme not in INITS:
         raise ValueError(f"unknown init {scheme!r}; valid: {', '.join(INITS)}")
     if scheme == "dit":
-        init_dit_weights(module)
-        return
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
     for m in module.modules():
         if isinstance(m, PatchEmbed):
             w = m.proj.weight
@@ -326,32 +329,10 @@ def init_weights(module: nn.Module, scheme: str = "dit") -> None:
         elif isinstance(m, TimestepEmbedder):
             nn.init.normal_(m.mlp[0].weight, std=0.02)
             nn.init.normal_(m.mlp[2].weight, std=0.02)
+        elif isinstance(m, Block) and scheme == "dit":
+            nn.init.zeros_(m.adaLN_modulation[-1].weight)
+            nn.init.zeros_(m.adaLN_modulation[-1].bias)
         elif isinstance(m, FinalLayer):
             for linear in (m.adaLN_modulation[-1], m.linear):
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
-
-
-def init_dit_weights(module: nn.Module) -> None:
-    """DiT's initialisation: xavier linears, zero biases, zero adaLN modulation and output layers."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-    for m in module.modules():
-        if isinstance(m, PatchEmbed):
-            w = m.proj.weight
-            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            nn.init.zeros_(m.proj.bias)
-        elif isinstance(m, LabelEmbedder):
-            nn.init.normal_(m.embedding_table.weight, std=0.02)
-        elif isinstance(m, TimestepEmbedder):
-            nn.init.normal_(m.mlp[0].weight, std=0.02)
-            nn.init.normal_(m.mlp[2].weight, std=0.02)
-        elif isinstance(m, (Block, FinalLayer)):
-            nn.init.zeros_(m.adaLN_modulation[-1].weight)
-            nn.init.zeros_(m.adaLN_modulation[-1].bias)
-        if isinstance(m, FinalLayer):
-            nn.init.zeros_(m.linear.weight)
-            nn.init.zeros_(m.linear.bias)
