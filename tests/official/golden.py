@@ -61,3 +61,12 @@ def assert_grads(method, model, official: dict, grads: dict, tol=TOL):
         assert entries, f"{key} maps to nothing"
         for zoo_key, expected, mask in entries:
             assert_close(params[zoo_key].grad[mask], expected[mask], tol, what=f"gradient of {key} ({zoo_key})")
+
+
+def assert_total_and_grads(method, model, terms: dict, total, official: dict, grads: dict):
+    """The trainer's weighted sum of `terms` equals the official total, and its gradients the official ones."""
+    weighted = sum(term.weight * term.value for term in terms.values())
+    assert_close(weighted, total, what="total")
+    weighted.backward()
+    assert_grads(method, model, official, grads)
+    model.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@ import torch
 
 import methods.deepflow
 import zoo.samplers
-from golden import assert_close, assert_grads, fixture, loaded, official_method, sit_overrides
+from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
 from zoo.guidance import Guidance
 from zoo.method import DataInfo, TrainContext
@@ -90,11 +90,7 @@ def test_deep_supervision_acceleration_and_repa_losses_equal_dfloss(deepflow, mo
     assert_close(deep, run["denoising_loss"].mean(), what="deep supervision")
     assert_close(terms["acc"].value, run["pred_a2s"].mean(), what="acceleration loss")
     assert_close(terms["repa"].value, run["proj_loss"], what="REPA on the post-VeRA states")
-    total = sum(term.weight * term.value for term in terms.values())
-    assert_close(total, run["total_loss"], what="total")
-    total.backward()
-    assert_grads(method, model, FORWARD["state_dict"], run["grads"])
-    model.zero_grad(set_to_none=True)
+    assert_total_and_grads(method, model, terms, run["total_loss"], FORWARD["state_dict"], run["grads"])
     model.eval()
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from golden import assert_close, assert_grads, fixture, loaded, official_method, sit_overrides
+from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from methods.repa_e import PatchDiscriminator, hinge_loss
 from zoo.config import load_config
 from zoo.lpips import LPIPS, SLICES
@@ -149,10 +149,7 @@ def test_the_vae_updates_repa_term_and_the_sit_update_equal_the_official_step(re
     terms = method.loss_terms(model, batch, TrainContext(0, None))
     assert_close(terms["flow"].value, out["sit_denoising_loss_per_sample"].mean(), what="flow loss")
     assert_close(terms["repa"].value, out["sit_proj_loss"], what="REPA loss")
-    total = sum(term.weight * term.value for term in terms.values())
-    assert_close(total, out["sit_loss"], what="SiT loss")
-    total.backward()
-    assert_grads(method, model, STEP["state_dict"], out["sit_grads"])
+    assert_total_and_grads(method, model, terms, out["sit_loss"], STEP["state_dict"], out["sit_grads"])
     bn = model.extras["bn"].state_dict()
     for key, value in out["bn_buffers_after_train_pass"].items():
         assert_close(bn[key[len("bn."):]].float(), value.float(), what=key)

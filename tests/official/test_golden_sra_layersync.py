@@ -3,7 +3,7 @@ the official losses and gradients on the same draws. SRA's convention is the zoo
 a fork of willisma/SiT (t = 1 data, learn_sigma)."""
 import pytest
 
-from golden import assert_close, assert_grads, fixture, loaded, official_method, sit_overrides
+from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
 from zoo.method import DataInfo, TrainContext
 
@@ -28,10 +28,7 @@ def test_sra_loss_and_gradients_equal_the_official_code(monkeypatch, distance, o
     terms = method.loss_terms(model, batch, TrainContext(0, ema))
     assert_close(terms["flow"].value, outputs["gen_loss_mean"], what="flow loss")
     assert_close(terms["sra"].value, outputs["align_loss_mean"][official], what=f"SRA {distance}")
-    total = sum(term.weight * term.value for term in terms.values())
-    assert_close(total, outputs["total"][official], what="total")
-    total.backward()
-    assert_grads(method, model, SRA["state_dict"], outputs["grads"][official])
+    assert_total_and_grads(method, model, terms, outputs["total"][official], SRA["state_dict"], outputs["grads"][official])
 
 
 def test_sra_xl_and_b_presets_are_the_official_recipe():
@@ -57,10 +54,7 @@ def test_layersync_loss_and_gradients_equal_the_official_transport(monkeypatch):
     terms = method.loss_terms(model, {"image": inputs["x1"], "label": inputs["y"]}, TrainContext(0, None))
     assert_close(terms["flow"].value, outputs["flow_loss_mean"], what="flow loss")
     assert_close(terms["layersync"].value, outputs["reg_mean"], what="LayerSync term")
-    total = sum(term.weight * term.value for term in terms.values())
-    assert_close(total, outputs["total"], what="total")
-    total.backward()
-    assert_grads(method, model, LAYERSYNC["state_dict"], outputs["grads"])
+    assert_total_and_grads(method, model, terms, outputs["total"], LAYERSYNC["state_dict"], outputs["grads"])
 
 
 def test_layersync_xl_preset_is_the_official_recipe():
