@@ -109,3 +109,65 @@ def test_cfg_scale_one_never_doubles():
     model = CountingModel()
     guided(model, torch.ones(2, 2), torch.full((2,), 0.5), torch.tensor([0, 1]), 9, Guidance(1.0))
     assert model.batch_sizes == [2]
+
+
+def test_dopri5_passes_its_tolerances_and_counts_evaluations_as_steps(monkeypatch):
+    import torchdiffeq
+
+    seen = {}
+    real = torchdiffeq.odeint
+
+    def odeint(func, y0, t, **kwargs):
+        seen.update(kwargs, times=t.tolist())
+        return real(func, y0, t, **kwargs)
+
+    monkeypatch.setattr(torchdiffeq, "odeint", odeint)
+    steps = []
+    AdaptiveODE(atol=1e-5, rtol=1e-2).sample(lambda x, t, i: steps.append(i) or -x, torch.ones(2, 2), LinearPath())
+    assert (seen["method"], seen["atol"], seen["rtol"], seen["times"]) == ("dopri5", 1e-5, 1e-2, [1.0, 0.0])
+    assert steps == list(range(len(steps))) and len(steps) > 6   # every evaluation gets the next index
+
+
+@pytest.mark.parametrize("sampler", [EulerODE(5), HeunODE(5), HeunODE(5, trapezoid=True), EulerMaruyamaSDE(5)],
+                         ids=["euler", "heun", "heun_trapezoid", "sde"])
+def test_the_state_is_float64_inside_and_the_result_in_the_noises_dtype(sampler):
+    """The field sees the state in the noise's dtype and t as float64; the update is done in float64."""
+    seen = []
+
+    def field(x, t, step, guide_at=None):
+        seen.append((x.dtype, t.dtype, step))
+        return torch.full_like(x, 1.0 / 3.0)
+
+    out = sampler.sample(field, torch.zeros(2, 3), LinearPath(), torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32
+    assert all(d == torch.float32 and td == torch.float64 for d, td, _ in seen)
+    steps = [s for _, _, s in seen]
+    assert steps == sorted(steps) and set(steps) == set(range(5))     # every evaluation carries its outer step
+    if not isinstance(sampler, EulerMaruyamaSDE):   # integrating 1/3 from t = 1 to 0 in float64: exactly -1/3
+        expected = torch.full((2, 3), -1.0 / 3.0, dtype=torch.float64).float()
+        assert torch.equal(out, expected)
+
+
+def test_heun_variants_differ_in_their_last_step_and_corrector_guidance():
+    calls = {"heun": [], "heun_trapezoid": []}
+    for name, sampler in (("heun", HeunODE(4)), ("heun_trapezoid", HeunODE(4, trapezoid=True))):
+        sampler.sample(lambda x, t, i, guide_at=None, n=name: calls[n].append(
+            (i, float(t[0]), None if guide_at is None else float(guide_at[0]))) or torch.zeros_like(x),
+            torch.zeros(1, 1), LinearPath())
+    # REPA's: the corrector at t_{i+1} decides guidance from t_i, no corrector on the last step
+    assert calls["heun"] == [(0, 1.0, None), (0, 0.75, 1.0), (1, 0.75, None), (1, 0.5, 0.75), (2, 0.5, None),
+                             (2, 0.25, 0.5), (3, 0.25, None)]
+    assert calls["heun_trapezoid"] == [(0, 1.0, None), (0, 0.75, None), (1, 0.75, None), (1, 0.5, None),
+                                       (2, 0.5, None), (2, 0.25, None), (3, 0.25, None), (3, 0.0, None)]
+    assert build_sampler("ode", 4, "heun_trapezoid").trapezoid and not build_sampler("ode", 4, "heun").trapezoid
+
+
+def test_the_last_step_grid_and_its_use_by_the_ode_samplers():
+    assert torch.allclose(time_grid(5, 0.04), torch.tensor([1.0, 0.76, 0.52, 0.28, 0.04, 0.0], dtype=torch.float64))
+    assert torch.equal(time_grid(1, 0.04), torch.tensor([1.0, 0.0], dtype=torch.float64))
+    times = []
+    build_sampler("ode", 5, "euler", last_step=0.04).sample(lambda x, t, i: times.append(float(t[0])) or x,
+                                                             torch.zeros(1, 1), LinearPath())
+    assert times == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04])
+    with pytest.raises(ConfigError, match="last_step"):
+        build_sampler("ode", 5, "euler", last_step=1.0)

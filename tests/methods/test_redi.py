@@ -308,3 +308,15 @@ def test_eval_refuses_an_option_the_checkpoints_method_does_not_take(micro_cfg):
     with pytest.raises(ConfigError, match="--rg: not a sampling option of method 'sit'"):
         method_options("sit", {"rg": 1.5})
     assert method_options("redi", {"rg": 1.5, "rg_interval": [0, 1]}) == {"rg": 1.5, "rg_interval": [0, 1]}
+
+
+def test_guide_at_decides_which_guidance_applies():
+    """REPA's Heun corrector runs at t_{i+1} but is guided when t_i is in the interval (`guide_at`)."""
+    x, y = guide_inputs()
+    inside, outside = torch.full((4,), 0.5), torch.full((4,), 0.9)
+    cfg, rg = Guidance(2.0, 0.0, 0.7), Guidance(1.5, 0.0, 0.7)
+    at_inside = guided_velocity(toy_model, x, outside, y, NULL, 3, cfg, rg, guide_at=inside)
+    expected = paper_cfg_plus_rg(toy_model, x, outside, y, 2.0, 1.5)
+    assert torch.allclose(at_inside, expected, atol=1e-5)
+    assert torch.equal(guided_velocity(toy_model, x, inside, y, NULL, 3, cfg, rg, guide_at=outside),
+                       toy_model(x, inside, y))
