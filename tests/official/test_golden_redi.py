@@ -60,3 +60,14 @@ def test_sde_samples_with_cfg_and_representation_guidance_equal_the_official_sam
         out = sampler.sample(field, SAMPLING["inputs"]["z"], method.path)
     expected = run["final_kept_by_sample_ddp"] if "final_kept_by_sample_ddp" in run else run["final_full"][:4]
     assert_close(out, expected, tol=1e-5, what=case)
+
+
+@pytest.mark.parametrize("preset", ["B", "XL"])
+def test_the_paper_presets_are_the_official_recipe(preset):
+    from zoo.config import load_config
+
+    cfg = load_config("redi", [f"preset={preset}"])
+    assert (cfg.redi.rank, cfg.redi.feature_weight, cfg.redi.feature_dropout, cfg.redi.dropped_features) == \
+        (8, 1.0, 0.0, "noise")
+    assert (cfg.model.time_scale, cfg.model.time_convention, cfg.optim.grad_clip, cfg.train.ema_decay) == \
+        (1.0, "data", 0.0, 0.9999)

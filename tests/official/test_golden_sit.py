@@ -53,7 +53,9 @@ def test_the_zoos_own_time_embedding_differs(golden):
 
 @pytest.mark.parametrize("preset", ["B", "XL"])
 def test_the_paper_presets_embed_time_as_the_official_code(preset):
-    model = load_config("sit", [f"preset={preset}"]).model
+    cfg = load_config("sit", [f"preset={preset}"])
+    model = cfg.model
     assert (model.time_scale, model.time_max_period, model.time_convention) == (1.0, 10000.0, "data")
+    assert (cfg.optim.lr, cfg.optim.grad_clip, cfg.train.batch_size, cfg.train.ema_decay) == (1e-4, 0.0, 256, 0.9999)
     assert (model.pos_embed, model.norm, model.final_norm or model.norm, model.init) == \
         ("sincos", "layernorm", "layernorm", "dit")
