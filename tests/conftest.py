@@ -10,8 +10,11 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
-    """Everything the zoo caches (teachers, judges, feature caches) goes to a per-session folder, never ~/.cache."""
-    os.environ["REPA_ZOO_CACHE"] = str(tmp_path_factory.mktemp("zoo-cache"))
+    """Everything the zoo caches (teachers, judges, feature caches) goes to a per-session folder, never ~/.cache.
+
+    REPA_ZOO_TEST_CACHE names a folder to share between sessions instead: mutation testing runs thousands of
+    short sessions, each of which would otherwise train the micro teacher and VAE again."""
+    os.environ["REPA_ZOO_CACHE"] = os.environ.get("REPA_ZOO_TEST_CACHE") or str(tmp_path_factory.mktemp("zoo-cache"))
 
 
 @pytest.fixture
