@@ -258,7 +258,7 @@ def guided_velocity(model_fn: Callable, x: Tensor, t: Tensor, y: Tensor, null_la
         passes = [(x, y), (x, null) if use_cfg else (bare, y)]
     v = model_fn(torch.cat([p[0] for p in passes]), t.repeat(len(passes)), torch.cat([p[1] for p in passes]))
     v = v.chunk(len(passes))
-    w = torch.ones(1, x.shape[1], 1, 1, dtype=v[0].dtype, device=x.device)   # the CFG scale of each channel
+    w = v[0].new_ones(1, x.shape[1], 1, 1)   # the CFG scale of each channel
     w[:, :channels] = cfg.scale
     if cfg_features:
         w[:, channels:] = cfg.scale

@@ -113,6 +113,8 @@ def manifold_loss(features: Tensor, targets: Tensor, form: str = "pooled") -> Te
     flattened  H, Y: each sample's L2-normalised tokens flattened to one [N * D] row (public ports); an entry
                of H H^T is then the sum over tokens of their cosines, up to N.
     """
+    if form not in MANIFOLD_FORMS:
+        raise ValueError(f"unknown manifold form {form!r}; valid: {', '.join(MANIFOLD_FORMS)}")
     with torch.autocast(features.device.type, enabled=False):
         if form == "flattened":
             h = F.normalize(features.float(), dim=-1).flatten(1)

@@ -171,3 +171,27 @@ def test_the_last_step_grid_and_its_use_by_the_ode_samplers():
     assert times == pytest.approx([1.0, 0.76, 0.52, 0.28, 0.04])
     with pytest.raises(ConfigError, match="last_step"):
         build_sampler("ode", 5, "euler", last_step=1.0)
+
+
+def test_heun_uses_the_last_step_grid_and_dopri5_refuses_one():
+    times = []
+    build_sampler("ode", 3, "heun", last_step=0.04).sample(lambda x, t, i, guide_at=None: times.append(float(t[0]))
+                                                           or x, torch.zeros(1, 1), LinearPath())
+    assert times == pytest.approx([1.0, 0.52, 0.52, 0.04, 0.04])
+    with pytest.raises(ConfigError, match="no step grid"):
+        build_sampler("ode", 3, "dopri5", last_step=0.04)
+    sampler = build_sampler("ode", 3, "dopri5")
+    assert (sampler.atol, sampler.rtol) == (1e-6, 1e-3)   # SiT's tolerances
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "heun_trapezoid"])
+def test_many_small_steps_accumulate_in_float64(solver):
+    """1000 steps of v = 1/3 from t = 1 to 0: float64 accumulation lands on -1/3 rounded to float32, float32
+    accumulation would not."""
+    out = build_sampler("ode", 1000, solver).sample(lambda x, t, i, guide_at=None: torch.full_like(x, 1.0 / 3.0),
+                                                    torch.zeros(1, 4), LinearPath())
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((1, 4), -1.0 / 3.0))
+    x32 = torch.zeros(1, 4)
+    for _ in range(1000):
+        x32 = x32 + (-0.001) * torch.full_like(x32, 1.0 / 3.0)
+    assert not torch.equal(x32, out)   # the float32 loop differs: the test can tell the two apart

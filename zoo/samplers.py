@@ -87,8 +87,6 @@ class HeunODE(Sampler):
     def __init__(self, steps: int, last_step: float = 0.0, trapezoid: bool = False):
         super().__init__(steps, last_step)
         self.trapezoid = trapezoid
-        if trapezoid:
-            self.name = "heun_trapezoid"
 
     def sample(self, field, noise, path, generator=None):
         x, ts = noise.to(torch.float64), time_grid(self.steps, self.last_step)
@@ -97,23 +95,24 @@ class HeunODE(Sampler):
             v = _evaluate(field, x, noise.dtype, ts[i], i)
             x_euler = x + dt * v
             if self.trapezoid:
-                v_next = _evaluate(field, x_euler, noise.dtype, ts[i + 1], i)
+                x = x + dt * 0.5 * (v + _evaluate(field, x_euler, noise.dtype, ts[i + 1], i))
             elif i < self.steps - 1:
-                v_next = _evaluate(field, x_euler, noise.dtype, ts[i + 1], i, guide_at=_t_batch(ts[i], x))
+                x = x + dt * 0.5 * (v + _evaluate(field, x_euler, noise.dtype, ts[i + 1], i, guide_at=_t_batch(ts[i], x)))
             else:
                 x = x_euler
-                continue
-            x = x + dt * 0.5 * (v + v_next)
         return x.to(noise.dtype)
 
 
 class AdaptiveODE(Sampler):
-    """dopri5 through torchdiffeq (atol 1e-6, rtol 1e-3, SiT's defaults); `steps` is ignored."""
+    """dopri5 through torchdiffeq (atol 1e-6, rtol 1e-3, SiT's defaults); `steps` is ignored, and there is no
+    grid to end with a last step."""
 
     name = "dopri5"
 
     def __init__(self, steps: int = 1, atol: float = 1e-6, rtol: float = 1e-3, last_step: float = 0.0):
-        super().__init__(max(steps, 1))
+        if last_step:
+            raise ConfigError(f"sample.last_step={last_step}: the adaptive dopri5 has no step grid; use euler or heun")
+        super().__init__(max(steps, 1))  # pragma: no mutate -- the adaptive solver never reads its steps
         self.atol, self.rtol = atol, rtol
 
     def sample(self, field, noise, path, generator=None):
@@ -125,7 +124,7 @@ class AdaptiveODE(Sampler):
             calls[0] += 1
             return field(x, _t_batch(t, x), calls[0] - 1)
 
-        times = torch.tensor([1.0, 0.0], device=noise.device, dtype=noise.dtype)
+        times = noise.new_tensor([1.0, 0.0])
         return odeint(rhs, noise, times, method="dopri5", atol=self.atol, rtol=self.rtol)[-1]
 
 

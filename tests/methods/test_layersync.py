@@ -44,3 +44,5 @@ def test_alignment_loss_gives_no_gradient_to_blocks_after_the_shallow_one(micro_
 def test_shallow_block_must_come_first(micro_cfg):
     with pytest.raises(ConfigError, match="must come before"):
         build_method(micro_cfg("layersync", "layersync.shallow_block=2", "layersync.deep_block=1"))
+    with pytest.raises(ConfigError, match="must come before"):  # the same block is no teacher either
+        build_method(micro_cfg("layersync", "layersync.shallow_block=2", "layersync.deep_block=2"))

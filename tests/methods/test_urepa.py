@@ -297,3 +297,12 @@ def test_presets():
         method = build_method(load_config("urepa", [f"preset={preset}"]))
         assert method.stages() == stages and method.hidden_layers() == (middle_block(stages),)
     assert load_config("urepa", ["preset=XL"]).urepa.manifold_coeff == 3.0
+
+
+def test_a_token_count_that_is_no_square_and_an_unknown_manifold_form_are_clear_errors():
+    from methods.urepa import token_grid_side
+
+    with pytest.raises(ValueError, match="^17 tokens do not form a square grid$"):
+        token_grid_side(torch.zeros(2, 17, 4))
+    with pytest.raises(ValueError, match="unknown manifold form 'gram'"):
+        manifold_loss(torch.randn(2, 4, 3), torch.randn(2, 4, 3), "gram")
