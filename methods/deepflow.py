@@ -128,11 +128,11 @@ class DeepFlow(REPA):
         x = self.encode(model, batch)
         with torch.no_grad():
             targets = self.targets(batch)
-        t, eps = self.noise(model, x)
+        t, eps = self.noise(x)
         times = branch_times(t, len(self.splits) + 1, o.time_gap)
         x_t = self.path.interpolate(x, eps, t)
         y = self.drop_labels(model, batch["label"])
-        out = model.backbone(x_t, t, y, hidden_layers=self.hidden_layers(), branch_times=times[1:])
+        out = model.backbone(x_t, t, y, branch_times=times[1:])
         velocity_targets = [self.path.velocity_target(x, eps, s) for s in times]
         terms = deep_supervision_terms(out.velocities, velocity_targets, o.weights, self.flow_loss)
         noisy = [x_t] + [self.path.interpolate(x, eps, s) for s in times[1:-1]]  # x_{t_i} of each VeRA block

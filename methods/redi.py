@@ -152,14 +152,13 @@ class ReDi(REPA):
     def drop_features(self) -> bool:
         """One draw per batch (the official code's `random.random() < dino_drop_prob`), from torch's RNG so
         that resumed runs draw the same."""
-        p = self.options.feature_dropout
-        return p > 0 and bool(torch.rand(()) < p)
+        return bool(torch.rand(()) < self.options.feature_dropout)
 
     def loss_terms(self, model, batch: dict, ctx) -> dict:
         """L = L_v(x) + lambda_r L_v(r) on the jointly noised state; a dropped batch has lambda_r = 0 and its
         features zeroed: the clean ones before noising (`dropped_features=noise`) or the noisy input (`zeros`)."""
         x = self.encode(model, batch)
-        t, eps = self.noise(model, x)                     # independent noise for every channel of both parts
+        t, eps = self.noise(x)                     # independent noise for every channel of both parts
         c = self.image_channels()
         dropped = self.drop_features()
         if dropped and self.options.dropped_features == "noise":

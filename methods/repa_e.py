@@ -163,7 +163,7 @@ class REPAE(REPA):
         with frozen(model.backbone, ex["projectors"]):
             with torch.no_grad():
                 targets = self.targets(batch)
-            t, eps = Method.noise(self, model, state)
+            t, eps = Method.noise(self, state)
             x_t = self.path.interpolate(state, eps, t)
             k = self.options.encoder_depth
             hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
@@ -193,7 +193,7 @@ class REPAE(REPA):
         """BN of the VAE update's latent, detached: the diffusion loss never reaches the VAE."""
         return model.extras["bn"](self.latents["z"])
 
-    def noise(self, model, x):
+    def noise(self, x):
         """The t and noise of the VAE update's REPA term (the official code draws them once per step)."""
         return self.latents["t"], self.latents["eps"]
 

@@ -71,8 +71,8 @@ class SRA(Method):
         return (self.options.student_block,)
 
     def teacher_time(self, t: torch.Tensor) -> torch.Tensor:
-        """t' = clamp(t - U(0, max_gap), 0, 1): a less noisy time for the teacher."""
-        return (t - self.options.max_gap * torch.rand_like(t)).clamp(0, 1)
+        """t' = max(t - U(0, max_gap), 0): a less noisy time for the teacher (t' <= t <= 1)."""
+        return (t - self.options.max_gap * torch.rand_like(t)).clamp(min=0)
 
     @torch.no_grad()
     def teacher_tokens(self, ema, state) -> torch.Tensor:

@@ -191,7 +191,7 @@ class Method:
     def sample_time(self, n: int, device) -> Tensor:
         return self.time_sampler.sample(n, device=device)
 
-    def noise(self, model: ZooModel, x: Tensor) -> tuple[Tensor, Tensor]:
+    def noise(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(t, eps) for the clean states x: `sample_time`'s t, then Gaussian noise (drawn in that order)."""
         return self.sample_time(x.shape[0], x.device), torch.randn_like(x)
 
@@ -224,7 +224,7 @@ class Method:
         x = self.encode(model, batch)
         with torch.no_grad():
             targets = self.targets(batch)
-        t, eps = self.noise(model, x)
+        t, eps = self.noise(x)
         x_t = self.path.interpolate(x, eps, t)
         y = self.drop_labels(model, batch["label"])
         out = model.backbone(x_t, t, y, hidden_layers=self.hidden_layers())

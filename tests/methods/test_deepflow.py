@@ -238,3 +238,10 @@ def test_parameter_counts_on_the_meta_device_match_a_transcription_and_the_docs(
     extra = added_parameters(model.hidden_size, cfg.deepflow.acc_mlp_dim, model.patch, channels, splits)
     assert n == count_parameters(sit) + extra
     assert f"{n:,}" in DOCS.read_text(), f"docs/methods/deepflow.md should report {preset}: {n:,} parameters"
+
+
+def test_the_acceleration_and_branch_weights_come_from_the_config(micro_cfg):
+    method = build_method(micro_cfg("deepflow", "deepflow.acc_coeff=0.3", "deepflow.weights=[0.1,0.4,0.9]"))
+    model = perturbed_model(method)
+    terms = method.loss_terms(model, first_batch(method.cfg), TrainContext(0, None))
+    assert [terms[k].weight for k in ("flow_b1", "flow_b2", "flow", "acc")] == pytest.approx([0.1, 0.4, 0.9, 0.3])

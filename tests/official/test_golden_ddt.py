@@ -58,7 +58,7 @@ def test_repa_loss_and_gradients_equal_the_released_trainer(ddt, monkeypatch):
     golden = fixture("ddt_repa_loss")
     inputs, expected = golden["inputs"], golden["outputs"]
     model.train()
-    monkeypatch.setattr(method, "noise", lambda model, x: (1 - inputs["base_t"], inputs["noise"]))
+    monkeypatch.setattr(method, "noise", lambda x: (1 - inputs["base_t"], inputs["noise"]))
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": [inputs["target_tokens"]]})
     terms = method.loss_terms(model, {"image": inputs["x"], "label": inputs["y"]}, TrainContext(0, None))
     assert_close(terms["flow"].value, expected["fm_loss"], what="flow loss")

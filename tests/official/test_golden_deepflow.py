@@ -80,7 +80,7 @@ def test_deep_supervision_acceleration_and_repa_losses_equal_dfloss(deepflow, mo
     label_u = draws[-1]
     labels = torch.where(label_u < 0.1, torch.full_like(LOSS["inputs"]["y"], 10), LOSS["inputs"]["y"])
     model.train()
-    monkeypatch.setattr(method, "noise", lambda model, x: (times[0], noise))
+    monkeypatch.setattr(method, "noise", lambda x: (times[0], noise))
     monkeypatch.setattr(methods.deepflow, "branch_times", lambda t, branches, gap: times)
     monkeypatch.setattr(method, "drop_labels", lambda model, y: labels)
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": LOSS["inputs"]["zs"]})

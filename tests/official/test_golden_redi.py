@@ -28,7 +28,7 @@ def test_training_loss_and_gradients_equal_the_official_transport(redi, monkeypa
     draws, expected = LOSS["inputs"][case], LOSS["outputs"][case]
     model.train()
     monkeypatch.setattr(method, "encode", lambda model, batch: LOSS["inputs"]["x_joint"].clone())
-    monkeypatch.setattr(method, "noise", lambda model, x: (1 - draws["t"], draws["noise_x0"]))
+    monkeypatch.setattr(method, "noise", lambda x: (1 - draws["t"], draws["noise_x0"]))
     monkeypatch.setattr(method, "drop_features", lambda: expected["features_dropped"])
     monkeypatch.setattr(method, "drop_labels", lambda model, y: expected["labels_effective"])
     terms = method.loss_terms(model, {"label": LOSS["inputs"]["y"]}, TrainContext(0, None))

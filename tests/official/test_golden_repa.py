@@ -41,7 +41,7 @@ def test_loss_terms_total_and_gradients_equal_the_official_loss(monkeypatch, wei
     model = loaded(method, golden["state_dict"])
     draws, expected = golden["inputs"][weighting], golden["outputs"][weighting]
     # the official t and noise, the official teacher tokens: the zoo's own step with them
-    monkeypatch.setattr(method, "noise", lambda model, x: (draws["time_input"].flatten(), draws["noises"]))
+    monkeypatch.setattr(method, "noise", lambda x: (draws["time_input"].flatten(), draws["noises"]))
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": golden["inputs"]["zs"]})
     batch = {"image": golden["inputs"]["images"], "label": golden["inputs"]["y"]}
     terms = method.loss_terms(model, batch, TrainContext(0, None))

@@ -130,7 +130,7 @@ def test_the_vae_updates_repa_term_and_the_sit_update_equal_the_official_step(re
     method, model = repa_e
     inputs, out = STEP["inputs"], STEP["outputs"]
     t, noise = inputs["time_input"].flatten(), inputs["noises"]
-    monkeypatch.setattr(Method, "noise", lambda self, model, x: (t, noise))
+    monkeypatch.setattr(Method, "noise", lambda self, x: (t, noise))
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": [inputs["zs0"]]})
     batch = {"label": inputs["y"]}
     x = inputs["x"].clone().requires_grad_(True)

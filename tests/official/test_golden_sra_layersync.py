@@ -21,7 +21,7 @@ def test_sra_loss_and_gradients_equal_the_official_code(monkeypatch, distance, o
     model = loaded(method, SRA["state_dict"]).train()
     ema = loaded(method, fixture("sra_loss_ema")["state_dict"])   # the official EMA teacher, in eval mode
     inputs, outputs = SRA["inputs"], SRA["outputs"]
-    monkeypatch.setattr(method, "noise", lambda model, x: (inputs["t"], inputs["noise"]))
+    monkeypatch.setattr(method, "noise", lambda x: (inputs["t"], inputs["noise"]))
     monkeypatch.setattr(method, "drop_labels", lambda model, y: inputs["labels_train"])
     monkeypatch.setattr(method, "teacher_time", lambda t: inputs["t_teacher"])
     batch = {"image": inputs["images"], "label": inputs["labels"]}
@@ -49,7 +49,7 @@ def test_layersync_loss_and_gradients_equal_the_official_transport(monkeypatch):
     method = official_method("layersync", DataInfo(4, 8, 10), *LS_OPTS)
     model = loaded(method, LAYERSYNC["state_dict"]).train()
     inputs, outputs = LAYERSYNC["inputs"], LAYERSYNC["outputs"]
-    monkeypatch.setattr(method, "noise", lambda model, x: (1 - inputs["t"], inputs["x0"]))
+    monkeypatch.setattr(method, "noise", lambda x: (1 - inputs["t"], inputs["x0"]))
     monkeypatch.setattr(method, "drop_labels", lambda model, y: inputs["labels_train"])
     terms = method.loss_terms(model, {"image": inputs["x1"], "label": inputs["y"]}, TrainContext(0, None))
     assert_close(terms["flow"].value, outputs["flow_loss_mean"], what="flow loss")
