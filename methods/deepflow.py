@@ -23,7 +23,7 @@ from zoo.backbones.deepflow import build_deepflow_sit, check_splits
 from zoo.backbones.sit import resolve_size
 from zoo.encoders import encoder_dims
 from zoo.errors import ConfigError
-from zoo.method import FlowState, Method, Term, mean_flat
+from zoo.method import FlowState, Method, Term
 from zoo.registry import register
 
 
@@ -74,7 +74,7 @@ def acceleration_loss(x: Tensor, noisy: list, times: list, velocities: list, acc
     for x_t, t, v, a in zip(noisy, times, velocities, accelerations):
         t = t.float().reshape(-1, *([1] * (x.dim() - 1)))
         x0_hat = x_t.float() - t * v.detach().float() + 0.5 * a.float() * t ** 2
-        total = total + mean_flat((x0_hat - x.float()) ** 2).mean()
+        total = total + ((x0_hat - x.float()) ** 2).mean()   # per sample, then over the batch
     return total
 
 

@@ -195,3 +195,13 @@ def test_many_small_steps_accumulate_in_float64(solver):
     for _ in range(1000):
         x32 = x32 + (-0.001) * torch.full_like(x32, 1.0 / 3.0)
     assert not torch.equal(x32, out)   # the float32 loop differs: the test can tell the two apart
+
+
+def test_grid_and_sampler_errors_are_exact():
+    assert torch.equal(time_grid(2, 0.04), torch.tensor([1.0, 0.04, 0.0], dtype=torch.float64))
+    assert time_grid(2, 0.04).dtype == torch.float64
+    assert isinstance(build_sampler("ode", 4), EulerODE)   # the default solver
+    with pytest.raises(ConfigError, match="^sampler steps must be >= 1, got 0$"):
+        EulerODE(0)
+    with pytest.raises(ConfigError, match="^the SDE sampler needs at least 2 steps$"):
+        EulerMaruyamaSDE(1)

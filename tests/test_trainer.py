@@ -155,3 +155,57 @@ def test_ema_warmup_is_used_by_the_trainer(micro_cfg):
     live, ema = trainer.model.state_dict(), trainer.ema.module.state_dict()
     key = "backbone.final_layer.linear.weight"
     assert torch.allclose(ema[key], before[key] * decay + live[key] * (1 - decay), atol=1e-7)
+
+
+def test_fit_logs_window_means_checkpoints_and_samples_on_schedule(micro_cfg, tmp_path, monkeypatch):
+    """log_every, ckpt_every and sample_every with steps they do not divide: each lands on its multiples and on
+    the last step; a metrics line holds the mean of its window's logs, the learning rate and the timing."""
+    cfg = micro_cfg("sit", "train.steps=5", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=2",
+                    "sample.num=2")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False)
+    real_step = trainer.train_step
+
+    def step(batch):
+        real_step(batch)
+        return {"loss": torch.tensor(float(trainer.step)), "flow": torch.tensor(2.0 * trainer.step)}
+
+    monkeypatch.setattr(trainer, "train_step", step)
+    last = trainer.fit()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 4, 5]
+    assert [r["loss"] for r in records] == [1.5, 3.5, 5.0] and [r["flow"] for r in records] == [3.0, 7.0, 10.0]
+    assert all(r["lr"] == cfg.optim.lr and r["steps_per_sec"] > 0 for r in records)
+    assert records[0]["elapsed"] < records[1]["elapsed"] < records[2]["elapsed"]
+    assert last == records[-1]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert ckpts == ["step_0000002.pt", "step_0000004.pt", "step_0000005.pt"]
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == ["step_0000002.png", "step_0000004.png", "step_0000005.png"]
+    assert (tmp_path / "run" / "losses.png").exists()
+
+
+def test_the_training_context_carries_step_ema_rank_and_world_size(micro_cfg, monkeypatch):
+    trainer = Trainer(micro_cfg("sit"), run_dir=None, progress=False)
+    seen = []
+    real = trainer.phases[0].losses
+    trainer.phases[0].losses = lambda model, batch, ctx: seen.append(ctx) or real(model, batch, ctx)
+    batches = trainer.loader.iterate(0)
+    trainer.train_step(next(batches))
+    trainer.train_step(next(batches))
+    assert [c.step for c in seen] == [0, 1]
+    assert all(c.ema is trainer.ema.module and (c.rank, c.world_size) == (0, 1) for c in seen)
+
+
+def test_a_non_finite_gradient_or_loss_stops_with_a_line_naming_it(micro_cfg, monkeypatch):
+    trainer = Trainer(micro_cfg("sit"), run_dir=None, progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("inf")))
+    with pytest.raises(TrainingDiverged, match="the gradient norm of phase 'model' is inf"):
+        trainer.train_step(next(trainer.loader.iterate(0)))
+    with pytest.raises(TrainingDiverged, match=r"the loss is not finite \(flow=nan, repa=1\)"):
+        trainer.check_finite({"flow": torch.tensor(float("nan")), "repa": torch.tensor(1.0)}, torch.tensor(float("nan")))
+
+
+def test_ema_warmup_decay_grows_with_the_step():
+    ema = EMA(torch.nn.Linear(2, 2), decay=0.999, warmup=True)
+    assert [ema.decay_at(s) for s in (0, 5, 90)] == pytest.approx([0.1, 0.4, 0.91])
+    assert ema.decay_at(10_000) == 0.999 and EMA(torch.nn.Linear(2, 2), 0.999).decay_at(5) == 0.999

@@ -106,11 +106,6 @@ class ZooModel(nn.Module):
         return fn(self, *args, **kwargs)
 
 
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over every dimension but the batch."""
-    return x.mean(dim=tuple(range(1, x.dim())))
-
-
 class Method:
     """Vanilla SiT: the flow-matching loss on the velocity, nothing else. Every hook is a default."""
 
@@ -212,8 +207,9 @@ class Method:
         return ()
 
     def flow_loss(self, velocity: Tensor, target: Tensor) -> Tensor:
-        """L_v = E || v_theta - v* ||^2: mean over dimensions per sample, then over the batch."""
-        return mean_flat((velocity.float() - target.float()) ** 2).mean()
+        """L_v = E || v_theta - v* ||^2: mean over dimensions per sample, then over the batch (samples of one
+        size: the mean over every element)."""
+        return ((velocity.float() - target.float()) ** 2).mean()
 
     def extra_losses(self, model: ZooModel, state: FlowState, ctx: TrainContext) -> dict:
         """Losses beside the flow loss, as {name: Term}. Aligning methods add theirs here."""

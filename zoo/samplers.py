@@ -44,7 +44,8 @@ def time_grid(steps: int, last_step: float = 0.0) -> Tensor:
     `last_step` in steps - 1 steps and then one step to 0 (DDT's sampler: `last_step=0.04`)."""
     if last_step <= 0 or steps == 1:
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return torch.cat([torch.linspace(1.0, last_step, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    grid = torch.linspace(1.0, last_step, steps, dtype=torch.float64)
+    return torch.cat([grid, grid.new_zeros(1)])
 
 
 class Sampler:

@@ -190,3 +190,31 @@ def test_exported_vae_loads_as_a_frozen_vae_whose_states_match_the_bn(built, tmp
 def test_repa_e_refuses_a_frozen_data_vae(micro_cfg):
     with pytest.raises(ConfigError, match="repa_e.vae"):
         build_method(micro_cfg("repa_e", "data.vae=builtin"))
+
+
+def test_the_vae_update_samples_the_posterior_and_normalises_with_bn_running_statistics(built, monkeypatch):
+    method, model, batch = built
+    bn = model.extras["bn"]
+    bn.running_var.fill_(1e-3)   # small: BN's eps (1e-4) then matters
+    seen = {}
+    real = method.path.interpolate
+    monkeypatch.setattr(method.path, "interpolate", lambda x, e, t: seen.update(state=x) or real(x, e, t))
+    mean, std = model.extras["vae"].posterior(batch["image"])
+    torch.manual_seed(7)
+    method.vae_losses(model, batch, TrainContext(0, None))
+    torch.manual_seed(7)
+    z = mean + std * torch.randn_like(std)                   # the reparametrised posterior sample
+    assert torch.allclose(method.latents["z"], z, atol=1e-6)
+    expected = (z - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4)
+    assert torch.allclose(seen["state"], expected, atol=1e-5)
+
+
+def test_the_reconstruction_weights_come_from_the_config(micro_cfg):
+    method = build_method(micro_cfg("repa_e", "repa_e.feature_cache=never", "repa_e.l1_weight=0.5",
+                                    "repa_e.lpips_weight=0.3", "repa_e.kl_weight=2e-6", "repa_e.gan_weight=0.2"))
+    method.setup("cpu")
+    model = method.build_model()
+    method.lpips = lambda a, b: (a - b).abs().flatten(1).mean(1)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    terms = method.reconstruction_terms(model, images, images * 0.5, torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8))
+    assert {k: t.weight for k, t in terms.items()} == {"l1": 0.5, "kl": 2e-6, "gan": 0.2, "lpips": 0.3}

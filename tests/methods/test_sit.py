@@ -33,3 +33,21 @@ def test_label_dropout_uses_the_null_class(micro_cfg):
     y = method.drop_labels(model, torch.zeros(2000, dtype=torch.long))
     frac = (y == model.backbone.null_label).float().mean().item()
     assert 0.45 < frac < 0.55 and set(y.unique().tolist()) == {0, model.backbone.null_label}
+
+
+def test_extra_losses_receive_the_noisy_sample_and_the_batch(micro_cfg):
+    """The FlowState handed to `extra_losses` is the step's own: x, eps, t, x_t on the path, labels, batch."""
+    from zoo.method import TrainContext
+    from zoo.sampling import build_method
+
+    method = build_method(micro_cfg("sit", "model.class_dropout=0"))
+    model = method.build_model()
+    seen = {}
+    method.extra_losses = lambda model, state, ctx: seen.update(state=state, ctx=ctx) or {}
+    batch = {"image": torch.rand(3, 3, 32, 32) * 2 - 1, "label": torch.tensor([0, 1, 2])}
+    ctx = TrainContext(0, None)
+    method.loss_terms(model, batch, ctx)
+    state = seen["state"]
+    assert torch.equal(state.x, batch["image"]) and state.batch is batch and seen["ctx"] is ctx
+    assert torch.allclose(state.x_t, method.path.interpolate(state.x, state.eps, state.t))
+    assert torch.equal(state.y, batch["label"]) and state.output.velocity.shape == state.x.shape
