@@ -213,8 +213,9 @@ class Trainer:
         t = self.cfg.train
         self.prepare_run_dir()
         self.model.train()
-        bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.method, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.proc.is_main), mininterval=1.0)
+        # the progress bar is display only: nothing reads it (hence no mutation testing of its arguments)
+        bar = tqdm(total=t.steps, initial=self.step, desc=self.cfg.method, unit="step",  # pragma: no mutate
+                   dynamic_ncols=True, disable=not (self.progress and self.proc.is_main), mininterval=1.0)  # pragma: no mutate
         batches = self.loader.iterate(self.step)
         window, start, last = {}, time.perf_counter(), {}
         window_start, window_steps = start, 0
@@ -223,8 +224,8 @@ class Trainer:
             window_steps += 1
             for k, v in logs.items():
                 window[k] = window.get(k, 0.0) + float(v)
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(logs.get('loss', next(iter(logs.values())))):.4f}", refresh=False)
+            bar.update(1)  # pragma: no mutate
+            bar.set_postfix(loss=f"{float(logs.get('loss', next(iter(logs.values())))):.4f}", refresh=False)  # pragma: no mutate
             if self.step % t.log_every == 0 or self.step == t.steps:
                 now = time.perf_counter()
                 last = {"step": self.step, **{k: v / window_steps for k, v in window.items()},
