@@ -157,7 +157,7 @@ class SharedConditionField:
         self.schedule = frozenset(schedule)
         self.on_encode = on_encode
         self.both_halves = guidance.scale > 1 if both_halves is None else both_halves
-        self.encoder_calls: list[tuple[int, int]] = []   # (step, batch) of every encoder run
+        self.encoder_calls: list[tuple[int, int]] = []   # (step, rows encoded) of every recomputation
         self._z = self._z_labels = None
         self._step = 0
 
@@ -168,10 +168,13 @@ class SharedConditionField:
     def _velocity(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         z = None if self._step in self.schedule else self._cached(y)
         if z is None:
-            xx, tt, yy = x, t, y
+            yy, z = y, self.backbone.encode_condition(x, t, y)
             if self.both_halves and len(y) == len(self.labels):  # a conditional request: encode the null half too
-                xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)])
-            self._z, self._z_labels = self.backbone.encode_condition(xx, tt, yy), yy
+                # in a call of its own: the conditional rows stay bit-equal to unshared sampling's, whose batch
+                # outside the guidance interval is the conditional one alone
+                null = torch.full_like(y, self.null_label)
+                yy, z = torch.cat([y, null]), torch.cat([z, self.backbone.encode_condition(x, t, null)])
+            self._z, self._z_labels = z, yy
             self.encoder_calls.append((self._step, len(yy)))
             if self.on_encode is not None:
                 self.on_encode(self._step, self._z)
