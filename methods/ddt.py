@@ -5,7 +5,7 @@
     L = L_v + lambda L_REPA                REPA on encoder block k (methods/repa.py)
 
 At sampling, `--share uniform:K | dp:K` reuses z across steps with K encoder runs in total (`every:R`: every R steps)
-(zoo/sharing.py); the DP schedule is calibrated once and saved beside the checkpoint.
+(methods/ddt_sharing.py); the DP schedule is calibrated once and saved beside the checkpoint.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from methods.repa import REPA, REPAConfig
 from zoo.backbones.ddt import build_ddt, split_depth
 from zoo.errors import ConfigError
-from zoo.method import SamplingOption
-from zoo.registry import register
-from zoo.sharing import DPSchedules, SharedConditionField, ShareSpec, check_shareable, every_schedule, uniform_schedule
+from zoo.training.method import SamplingOption
+from zoo.training.registry import register
+from methods.ddt_sharing import DPSchedules, SharedConditionField, ShareSpec, check_shareable, every_schedule, uniform_schedule
 
 
 @dataclass

@@ -8,7 +8,7 @@ each and a VeRA block between them. Branch 1 sees the time t of the noisy input;
 a time one small step away, t_{i+1} = clamp(t_i +/- U(0, time_gap), 0, 1), the sign drawn once per
 training step (the official code's coin). At sampling every branch gets the same t and only the
 final velocity is used, through the core's samplers. With `deepflow.repa=true` REPA's loss
-(methods/repa.py) aligns each post-VeRA hidden state; with `repa=false` no teacher is loaded.
+(zoo/teachers/alignment.py) aligns each post-VeRA hidden state; with `repa=false` no teacher is loaded.
 """
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from methods.repa import REPA, TeacherOptions, repa_loss
-from zoo.alignment import projector
+from zoo.teachers.alignment import projectors, repa_loss
+from zoo.teachers.teacher import Teacher, TeacherOptions, check_options
 from zoo.backbones.deepflow import build_deepflow_sit, check_splits
 from zoo.backbones.sit import resolve_size
-from zoo.encoders import encoder_dims
 from zoo.errors import ConfigError
-from zoo.method import FlowState, Method, Term
-from zoo.registry import register
+from zoo.training.method import FlowState, Method, NoisyBatch, Term
+from zoo.training.registry import register
 
 
 @dataclass
@@ -79,7 +78,7 @@ def acceleration_loss(x: Tensor, noisy: list, times: list, velocities: list, acc
 
 
 @register
-class DeepFlow(REPA):
+class DeepFlow(Method):
     name = "deepflow"
     description = "DeepFlow: branched SiT, deep supervision, VeRA blocks and an acceleration loss (REPA optional)"
     config_class = DeepFlowConfig
@@ -93,6 +92,9 @@ class DeepFlow(REPA):
                               f"makes {len(self.splits) + 1} branches: give one weight per branch")
         if not 0 <= o.time_gap <= 1:
             raise ConfigError(f"deepflow.time_gap={o.time_gap} must lie in [0, 1]")
+        check_options(o, self.name)
+        grid = self.state_shape()[-1] // cfg.model.patch
+        self.teacher = Teacher(o, cfg, grid=grid, owner=self.name) if o.repa else None  # REPA's, with repa=true
 
     def build_backbone(self) -> nn.Module:
         c, size, _ = self.state_shape()
@@ -101,44 +103,33 @@ class DeepFlow(REPA):
                                   legacy_scaling=self.options.legacy_scaling)
 
     def build_extras(self, backbone) -> dict:
-        if not self.options.repa:
+        if self.teacher is None:
             return {}
-        dims = encoder_dims(self.options.encoder, self.cfg)
-        p = self.options.projector_dim
-        # one projector per (VeRA block, encoder): each post-VeRA state is aligned on its own
-        return {"projectors": nn.ModuleList(nn.ModuleList(projector(backbone.hidden_size, p, d) for d in dims)
-                                            for _ in self.splits)}
+        # one set of projectors per VeRA block: each post-VeRA state is aligned on its own
+        return {"projectors": nn.ModuleList(projectors(backbone.hidden_size, self.options.projector_dim,
+                                                       self.teacher.dims()) for _ in self.splits)}
 
     def setup(self, device, training: bool = True) -> None:
-        if self.options.repa:
-            super().setup(device, training)
-        else:
-            Method.setup(self, device, training)  # no teacher, no feature cache
-            self.encoders, self.caches = [], []
-
-    def hidden_layers(self) -> tuple:
-        return ()  # REPA reads the post-VeRA states (BranchOutput.refined), not block outputs
+        super().setup(device, training)
+        if self.teacher is not None and training:
+            self.teacher.setup(self.device)
+        elif self.teacher is not None:
+            self.teacher.release()  # sampling never needs the teacher
 
     def targets(self, batch: dict) -> dict:
-        return super().targets(batch) if self.options.repa else {}
+        return {"tokens": self.teacher.tokens(batch)} if self.teacher is not None else {}
 
-    def loss_terms(self, model, batch: dict, ctx) -> dict:
+    def losses(self, model, noisy: NoisyBatch, ctx) -> dict:
         """Per-branch times, deep supervision, the acceleration loss, then `extra_losses` (REPA)."""
-        o = self.options
-        x = self.encode(model, batch)
-        with torch.no_grad():
-            targets = self.targets(batch)
-        t, eps = self.noise(x)
+        o, x, eps, t = self.options, noisy.x, noisy.eps, noisy.t
         times = branch_times(t, len(self.splits) + 1, o.time_gap)
-        x_t = self.path.interpolate(x, eps, t)
-        y = self.drop_labels(model, batch["label"])
-        out = model.backbone(x_t, t, y, branch_times=times[1:])
+        out = model.backbone(noisy.x_t, t, noisy.y, branch_times=times[1:])
         velocity_targets = [self.path.velocity_target(x, eps, s) for s in times]
         terms = deep_supervision_terms(out.velocities, velocity_targets, o.weights, self.flow_loss)
-        noisy = [x_t] + [self.path.interpolate(x, eps, s) for s in times[1:-1]]  # x_{t_i} of each VeRA block
-        terms["acc"] = Term(acceleration_loss(x, noisy, times[:-1], out.velocities[:-1], out.accelerations),
+        noisy_states = [noisy.x_t] + [self.path.interpolate(x, eps, s) for s in times[1:-1]]  # x_{t_i} per VeRA block
+        terms["acc"] = Term(acceleration_loss(x, noisy_states, times[:-1], out.velocities[:-1], out.accelerations),
                             o.acc_coeff)
-        terms.update(self.extra_losses(model, FlowState(x, eps, t, x_t, y, out, targets, batch), ctx))
+        terms.update(self.extra_losses(model, FlowState.of(noisy, out), ctx))
         return terms
 
     def from_official(self, official: dict) -> tuple[dict, list]:
@@ -156,7 +147,7 @@ class DeepFlow(REPA):
         return state, unused
 
     def extra_losses(self, model, state: FlowState, ctx) -> dict:
-        if not self.options.repa:
+        if self.teacher is None:
             return {}
         per_block = [repa_loss(h, projectors, state.targets["tokens"])
                      for h, projectors in zip(state.output.refined, model.extras["projectors"])]

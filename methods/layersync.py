@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoo.alignment import negative_cosine
+from zoo.teachers.alignment import negative_cosine
 from zoo.errors import ConfigError
-from zoo.method import Method, Term
-from zoo.registry import register
+from zoo.training.method import Method, Term
+from zoo.training.registry import register
 
 
 @dataclass

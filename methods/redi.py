@@ -2,7 +2,7 @@
 
 The diffusion state is the image (or latent) x with r extra channels: the frozen encoder's patch
 tokens of the clean image, standardised per dimension, projected on their first r principal
-components (zoo/pca.py), laid out on the token grid and resized bilinearly to the state's grid.
+components (zoo/latents/pca.py), laid out on the token grid and resized bilinearly to the state's grid.
 
     training   [x_t ; r_t] = alpha_t [x ; r] + sigma_t [eps_x ; eps_r]      one t, independent noise
                h = x_t W_x + r_t W_r   (one patch embedding of the concatenation: sequence length unchanged)
@@ -14,8 +14,8 @@ components (zoo/pca.py), laid out on the token grid and resized bilinearly to th
                and both at once (the zoo's extension), each inside its own interval (`guided_velocity`);
                only the image channels are decoded.
 
-The teacher and its token cache are REPA's (this class reuses `REPA.setup` and `REPA.targets`); ReDi
-has no alignment loss and no projector.
+The frozen teacher and its token cache are the shared `Teacher` (zoo/teachers/teacher.py); ReDi has no
+alignment loss and no projector.
 """
 from __future__ import annotations
 
@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods.repa import REPA, TeacherOptions
 from zoo.data import build_dataset, gather
-from zoo.encoders import split_list
-from zoo.encoders.feature_cache import dataset_identity
+from zoo.teachers import split_list
+from zoo.teachers.feature_cache import dataset_identity
 from zoo.errors import ConfigError
-from zoo.guidance import Guidance
-from zoo.method import Method, SamplingOption, Term
-from zoo.pca import FeaturePCA, load_or_fit, load_pca, pca_cache_path, pca_identity
-from zoo.registry import register
+from zoo.flow.guidance import Guidance
+from zoo.teachers.teacher import Teacher, TeacherOptions
+from zoo.training.method import Method, NoisyBatch, SamplingOption, Term
+from zoo.latents.pca import FeaturePCA, load_or_fit, load_pca, pca_cache_path, pca_identity
+from zoo.training.registry import register
 
 PCA_COMMAND = "zoo prepare pca --method redi"
 DROPPED_FEATURES = ("noise", "zeros")
@@ -57,8 +57,14 @@ class ReDiConfig(TeacherOptions):  # exactly one encoder; the paper: dinov2-vit-
     rg_interval: List[float] = field(default_factory=lambda: [0.0, 1.0])  # RG only while low <= t <= high
 
 
+@dataclass
+class JointNoisyBatch(NoisyBatch):
+    """The noisy joint state, and whether this batch's features were dropped (the feature loss then weighs 0)."""
+    dropped: bool = False
+
+
 @register
-class ReDi(REPA):
+class ReDi(Method):
     name = "redi"
     description = "ReDi: joint diffusion of the image and PCA-reduced encoder features; representation guidance"
     config_class = ReDiConfig
@@ -78,6 +84,7 @@ class ReDi(REPA):
             raise ConfigError(f"redi.pca_images={o.pca_images}: the PCA needs at least 2 images")
         if len(o.rg_interval) != 2:
             raise ConfigError(f"redi.rg_interval={list(o.rg_interval)} must be [low, high]")
+        self.teacher = Teacher(o, cfg, grid=self.state_shape()[-1] // cfg.model.patch, owner=self.name)
         self.pca: Optional[FeaturePCA] = None
 
     # ---------------------------------------------------------------- building
@@ -91,25 +98,22 @@ class ReDi(REPA):
 
     # The default SiT built from `state_shape` takes C + r input and output channels: its patch embedding of the
     # concatenation is exactly x W_x + r W_r + b (tests/methods/test_redi.py), and its velocity covers both parts.
-    def build_extras(self, backbone) -> dict:
-        return {}
-
-    def hidden_layers(self) -> tuple:
-        return ()
-
-    def extra_losses(self, model, state, ctx) -> dict:
-        return {}
 
     def setup(self, device, training: bool = True) -> None:
-        super().setup(device, training)          # REPA's: the teacher and its token cache when training
-        self.pca = self.fit_feature_pca(device)[0] if training else None
+        super().setup(device, training)
+        if training:                             # the teacher, its token cache and the PCA of its tokens
+            self.teacher.setup(self.device)
+            self.pca = self.fit_feature_pca(device)[0]
+        else:
+            self.teacher.release()
+            self.pca = None
 
     def fit_feature_pca(self, device=None, refit: bool = False) -> tuple:
         """(the PCA of the teacher's standardised tokens on the training set, r): from `redi.pca`, or the cache,
         fitted first (and logged) when missing or `refit`. Called by `setup` and `zoo prepare pca`."""
-        if not self.encoders:
-            REPA.setup(self, device or self.device, training=True)
-        encoder, data_cfg, o = self.encoders[0], self.cfg.data, self.options
+        if not self.teacher.encoders:
+            self.teacher.setup(device or self.device)
+        encoder, data_cfg, o = self.teacher.encoders[0], self.cfg.data, self.options
         dataset = build_dataset(data_cfg)
         identity = pca_identity(encoder.identity(), dataset_identity(data_cfg, dataset))
         if o.pca and not refit:
@@ -130,48 +134,51 @@ class ReDi(REPA):
         class, so its first images would be a few classes), unflipped, batch by batch."""
         chosen = torch.arange(num) * len(dataset) // num
         for index in chosen.split(batch_size):
-            if self.caches:
-                yield self.caches[0].lookup(index, torch.zeros_like(index, dtype=torch.bool))
+            if self.teacher.caches:
+                yield self.teacher.caches[0].lookup(index, torch.zeros_like(index, dtype=torch.bool))
             else:
                 images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
-                yield self.encoders[0](images.to(self.device)).float().cpu()
+                yield self.teacher.encoders[0](images.to(self.device)).float().cpu()
 
     # ---------------------------------------------------------------- training
     def targets(self, batch: dict) -> dict:
         """r: the teacher's tokens (cached or computed now) -> standardised PCA coordinates on the state's grid."""
-        tokens = super().targets(batch)["tokens"][0]
+        tokens = self.teacher.tokens(batch)[0]
         coords = self.pca.project(tokens, self.options.rank, whiten=self.options.whiten)
         return {"features": feature_map(coords, self.state_shape()[-1])}
 
-    def encode(self, model, batch: dict) -> Tensor:
-        """The clean joint state [x ; r]."""
+    def clean(self, model, batch: dict) -> tuple:
+        """The clean joint state [x ; r] (the features computed once, as the targets)."""
         with torch.no_grad():
-            features = self.targets(batch)["features"]
-        return join(super().encode(model, batch), features)
+            targets = self.targets(batch)
+        return join(self.encode(model, batch), targets["features"]), targets
 
     def drop_features(self) -> bool:
         """One draw per batch (the official code's `random.random() < dino_drop_prob`), from torch's RNG so
         that resumed runs draw the same."""
         return bool(torch.rand(()) < self.options.feature_dropout)
 
-    def loss_terms(self, model, batch: dict, ctx) -> dict:
-        """L = L_v(x) + lambda_r L_v(r) on the jointly noised state; a dropped batch has lambda_r = 0 and its
+    def noised(self, model, batch: dict, t=None, eps=None) -> JointNoisyBatch:
+        """The jointly noised state: one t, independent noise for every channel of both parts. A dropped batch has its
         features zeroed: the clean ones before noising (`dropped_features=noise`) or the noisy input (`zeros`)."""
-        x = self.encode(model, batch)
-        t, eps = self.noise(x)                     # independent noise for every channel of both parts
+        noisy = JointNoisyBatch(**vars(super().noised(model, batch, t, eps)), dropped=self.drop_features())
+        if noisy.dropped:
+            c = self.image_channels()
+            if self.options.dropped_features == "noise":
+                noisy.x = without_features(noisy.x, c)
+                noisy.x_t = self.path.interpolate(noisy.x, noisy.eps, noisy.t)
+            else:
+                noisy.x_t = without_features(noisy.x_t, c)
+        return noisy
+
+    def losses(self, model, noisy: JointNoisyBatch, ctx) -> dict:
+        """L = L_v(x) + lambda_r L_v(r); lambda_r = 0 for a dropped batch."""
         c = self.image_channels()
-        dropped = self.drop_features()
-        if dropped and self.options.dropped_features == "noise":
-            x = without_features(x, c)
-        x_t = self.path.interpolate(x, eps, t)            # the same t for the image and its features
-        if dropped and self.options.dropped_features == "zeros":
-            x_t = without_features(x_t, c)
-        y = self.drop_labels(model, batch["label"])
-        v = model.backbone(x_t, t, y).velocity
-        target = self.path.velocity_target(x, eps, t)
+        v = model.backbone(noisy.x_t, noisy.t, noisy.y).velocity
+        target = self.path.velocity_target(noisy.x, noisy.eps, noisy.t)
         return {"flow": Term(self.flow_loss(v[:, :c], target[:, :c])),
                 "features": Term(self.flow_loss(v[:, c:], target[:, c:]),
-                                 0.0 if dropped else self.options.feature_weight)}
+                                 0.0 if noisy.dropped else self.options.feature_weight)}
 
     # ---------------------------------------------------------------- sampling
     @classmethod

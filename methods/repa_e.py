@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.repa import REPA, REPAConfig, repa_loss
+from methods.repa import REPA, REPAConfig
+from zoo.teachers.alignment import repa_loss
 from zoo.errors import ConfigError
-from zoo.method import Method, Phase, Term
-from zoo.registry import register
-from zoo.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
+from zoo.training.method import Phase, Term
+from zoo.training.registry import register
+from zoo.latents.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
 
 
 @dataclass
@@ -35,7 +36,7 @@ class REPAEConfig(REPAConfig):
     vae_proj_coeff: float = 1.5     # weight of L_REPA in the VAE update (proj_coeff is SiT's)
     l1_weight: float = 1.0
     lpips_weight: float = 1.0       # used when lpips_weights is given
-    lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/lpips.py); "": no perceptual term (CPU default)
+    lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/latents/lpips.py); "": no perceptual term (CPU default)
     lpips_rescale: bool = False     # feed LPIPS x * 2 - 1 of images already in [-1, 1], as the official code does
     kl_weight: float = 1e-6
     gan_weight: float = 0.1
@@ -100,7 +101,7 @@ class REPAE(REPA):
         super().__init__(cfg, data_info)
         if cfg.data.vae:
             raise ConfigError("repa_e tunes its own VAE (repa_e.vae); leave data.vae empty")
-        self.initial_vae, self.lpips, self.latents = None, None, None
+        self.initial_vae, self.lpips = None, None
 
     def state_shape(self) -> tuple:
         return latent_shape(self.cfg, self.options.vae)
@@ -110,7 +111,7 @@ class REPAE(REPA):
         if training:  # the pretrained VAE the model starts from; sampling reads the tuned one from the checkpoint
             self.initial_vae = load_vae(self.cfg, self.options.vae)
             if self.options.lpips_weights:
-                from zoo.lpips import load_lpips
+                from zoo.latents.lpips import load_lpips
 
                 self.lpips = load_lpips(self.options.lpips_weights).to(self.device)
 
@@ -148,8 +149,8 @@ class REPAE(REPA):
         z = mean + std * torch.randn_like(std)
         recon = ex["vae"].decode_latent(z)
         align, t, eps = self.latent_alignment(model, z, batch)
-        # what updates 2 and 3 of this step read (phases run in order, on this process): update 3 reuses t and eps
-        self.latents = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
+        # what updates 2 and 3 of this step read (the step's phases share ctx): update 3 reuses t and eps
+        ctx.carry["vae"] = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
         terms = self.reconstruction_terms(model, batch["image"], recon, mean, std)
         terms["repa_vae"] = Term(align, self.options.vae_proj_coeff)
         return terms
@@ -163,7 +164,7 @@ class REPAE(REPA):
         with frozen(model.backbone, ex["projectors"]):
             with torch.no_grad():
                 targets = self.targets(batch)
-            t, eps = Method.noise(self, state)
+            t, eps = self.noise(state)
             x_t = self.path.interpolate(state, eps, t)
             k = self.options.encoder_depth
             hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
@@ -186,16 +187,18 @@ class REPAE(REPA):
     # ---------------------------------------------------------------- 2. the discriminator update
     def discriminator_losses(self, model, batch: dict, ctx) -> dict:
         disc = model.extras["discriminator"]
-        return {"disc": Term(hinge_loss(disc(batch["image"]), disc(self.latents["recon"])))}
+        return {"disc": Term(hinge_loss(disc(batch["image"]), disc(ctx.carry["vae"]["recon"])))}
 
-    # ---------------------------------------------------------------- 3. the SiT update (Method.loss_terms)
+    # ---------------------------------------------------------------- 3. the SiT update
+    def loss_terms(self, model, batch: dict, ctx) -> dict:
+        """Method.losses on BN(z.detach()) of the VAE update's latent, noised with that update's t and noise (the
+        official code draws them once per step)."""
+        vae = ctx.carry["vae"]
+        return self.losses(model, self.noised(model, {**batch, "latent": vae["z"]}, t=vae["t"], eps=vae["eps"]), ctx)
+
     def encode(self, model, batch: dict):
         """BN of the VAE update's latent, detached: the diffusion loss never reaches the VAE."""
-        return model.extras["bn"](self.latents["z"])
-
-    def noise(self, x):
-        """The t and noise of the VAE update's REPA term (the official code draws them once per step)."""
-        return self.latents["t"], self.latents["eps"]
+        return model.extras["bn"](batch["latent"])
 
     # ---------------------------------------------------------------- sampling
     def decode(self, model, state):

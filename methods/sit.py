@@ -3,8 +3,8 @@
 Everything it does is the `Method` base's default: L = E || v_theta(x_t, t, y) - v* ||^2 with label
 dropout for classifier-free guidance. See docs/methods/sit.md.
 """
-from zoo.method import Method
-from zoo.registry import register
+from zoo.training.method import Method
+from zoo.training.registry import register
 
 
 @register

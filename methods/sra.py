@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.alignment import negative_cosine, projector
+from zoo.teachers.alignment import negative_cosine, projector
 from zoo.errors import ConfigError
-from zoo.method import Method, Term
-from zoo.registry import register
+from zoo.training.method import Method, Term
+from zoo.training.registry import register
 
 DISTANCES = ("cosine", "token_cosine", "smooth_l1")
 PROJECTORS = ("head", "mlp")

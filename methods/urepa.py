@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from methods.repa import REPA, TeacherOptions
-from zoo.alignment import negative_cosine
+from methods.repa import REPA
+from zoo.teachers.alignment import negative_cosine
 from zoo.backbones.usit import build_usit, middle_block, resolve_stages
 from zoo.errors import ConfigError
-from zoo.method import Term
-from zoo.registry import register
+from zoo.teachers.teacher import TeacherOptions
+from zoo.training.method import Term
+from zoo.training.registry import register
 
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest")
 MANIFOLD_FORMS = ("pooled", "flattened")

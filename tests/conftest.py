@@ -32,7 +32,7 @@ def micro_cfg():
 def seeded_loss():
     """Run `method.loss_terms` under a seed, then redraw its t and eps under the same seed, so a test can
     transcribe the loss on the very same noisy input: returns (terms, t, x, x_t)."""
-    from zoo.method import TrainContext
+    from zoo.training.method import TrainContext
 
     def run(method, model, batch, seed=3):
         torch.manual_seed(seed)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from zoo import registry
-from zoo.compare import Comparison, record_name, run_comparison, run_config
-from zoo.compare_report import cell, steps_to_reach
+from zoo.training import registry
+from zoo.compare.runner import Comparison, record_name, run_comparison, run_config
+from zoo.compare.report import cell, steps_to_reach
 from zoo.errors import ConfigError
 from zoo.eval.evaluate import PROTOCOL, Evaluator
-from zoo.method import Method
+from zoo.training.method import Method
 
 
 class Doubled(Method):
@@ -74,7 +74,7 @@ def test_two_method_comparison_writes_consistent_outputs_and_resumes(tmp_path, t
     assert "Differences larger than the seed spread" in table
 
     # a second invocation finds everything done: no training, no sampling
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
     from zoo.eval import evaluate
 
     monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("retrained a finished run"))

@@ -1,10 +1,10 @@
-"""The shared contract, run for every registered method (zoo/contract.py), plus the files each must ship."""
+"""The shared contract, run for every registered method (zoo/training/contract.py), plus the files each must ship."""
 from pathlib import Path
 
 import pytest
 
-from zoo import contract
-from zoo.registry import available_methods
+from zoo.training import contract
+from zoo.training.registry import available_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = sorted(available_methods())

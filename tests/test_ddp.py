@@ -17,7 +17,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, method: str = "sit")
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from zoo.config import load_config
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     cfg = load_config(method, ["preset=micro", "train.device=cpu", "train.steps=3", "sample.num=0"])
     trainer = Trainer(cfg, run_dir=os.path.join(out_dir, "run"), progress=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zoo.registry import available_methods
+from zoo.training.registry import available_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_TREE = [name for name, cls in available_methods().items() if cls.__module__.startswith("methods.")]

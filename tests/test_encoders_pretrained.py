@@ -1,4 +1,4 @@
-"""Pretrained teachers (zoo/encoders/pretrained.py) on tiny, randomly initialised models of the real classes:
+"""Pretrained teachers (zoo/teachers/pretrained.py) on tiny, randomly initialised models of the real classes:
 preprocessing, token selection and grid, freezing, weight files (timm, original DINOv2, torch.hub clone,
 open_clip) and the errors for missing weights or bad names. Nothing is downloaded."""
 import importlib.util
@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from zoo.encoders import build_encoders, encoder_dims, encoder_specs, match_grid
-from zoo.encoders import pretrained as P
+from zoo.teachers import build_encoders, encoder_dims, encoder_specs, match_grid
+from zoo.teachers import pretrained as P
 from zoo.errors import ConfigError, MissingWeightsError
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)

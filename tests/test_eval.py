@@ -153,7 +153,7 @@ def zoo(*args, cwd=None):
 
 
 def test_eval_and_export_npz_end_to_end(tmp_path, tiny_judge, zoo_cache):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     run = tmp_path / "run"
     Trainer(load_config("sit", [*MICRO, "train.steps=2", "sample.num=0"]), run_dir=run, progress=False).fit()

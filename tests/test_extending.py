@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from zoo import contract
+from zoo.training import contract
 from zoo.errors import ConfigError
-from zoo.registry import _METHODS
-from zoo.scaffold import method_files, write_method
+from zoo.training.registry import _METHODS
+from zoo.cli.scaffold import method_files, write_method
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,7 +103,7 @@ def test_a_method_in_another_package_is_listed_and_trains_through_its_entry_poin
 
 
 def test_self_aligning_methods_enter_the_comparison_runner_on_the_same_budget(tmp_path):
-    from zoo.compare import Comparison, check_same_budget, run_config
+    from zoo.compare.runner import Comparison, check_same_budget, run_config
 
     comp = Comparison(["sit", "sra", "layersync"], steps=20, eval_every=10, out=tmp_path)
     configs = {m: run_config(comp, m, 0) for m in comp.methods}

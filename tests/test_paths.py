@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from zoo.paths import CosinePath, LinearPath, build_path
+from zoo.flow.interpolants import CosinePath, LinearPath, build_path
 from zoo.errors import ConfigError
 
 T = torch.tensor([0.0, 0.1, 0.37, 0.5, 0.9, 1.0])

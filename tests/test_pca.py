@@ -1,10 +1,10 @@
-"""The feature PCA (zoo/pca.py): standardise-then-PCA, its round trip, its cache identity."""
+"""The feature PCA (zoo/latents/pca.py): standardise-then-PCA, its round trip, its cache identity."""
 import numpy as np
 import pytest
 import torch
 
 from zoo.errors import ConfigError
-from zoo.pca import fit_pca, load_or_fit, load_pca, pca_cache_path, pca_identity, save_pca
+from zoo.latents.pca import fit_pca, load_or_fit, load_pca, pca_cache_path, pca_identity, save_pca
 
 ENCODER = {"name": "builtin", "grid": 8, "teacher": "abc", "path": "/t.pt"}
 DATA = {"dataset": "shapes", "seed": 0, "num_classes": 10, "image_size": 32, "num_images": 256}

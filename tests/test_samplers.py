@@ -9,9 +9,9 @@ must equal the exact score -(x_t - a mu) / (a^2 s^2 + b^2).
 import pytest
 import torch
 
-from zoo.guidance import Guidance, guided
-from zoo.paths import CosinePath, LinearPath
-from zoo.samplers import AdaptiveODE, EulerMaruyamaSDE, EulerODE, HeunODE, build_sampler, time_grid
+from zoo.flow.guidance import Guidance, guided
+from zoo.flow.interpolants import CosinePath, LinearPath
+from zoo.flow.samplers import AdaptiveODE, EulerMaruyamaSDE, EulerODE, HeunODE, build_sampler, time_grid
 from zoo.errors import ConfigError
 
 MU, STD = 1.5, 0.5

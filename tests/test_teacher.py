@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.config import load_config
-from zoo.encoders import build_encoders, encoder_dims
-from zoo.encoders.builtin import (BuiltinTeacher, augment, default_teacher_path, ensure_teacher, linear_probe,
+from zoo.teachers import build_encoders, encoder_dims
+from zoo.teachers.builtin import (BuiltinTeacher, augment, default_teacher_path, ensure_teacher, linear_probe,
                                   load_teacher, train_teacher, vicreg)
 from zoo.errors import CheckpointError, ConfigError
 

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
-from zoo.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
-from zoo.ema import EMA
+from zoo.training.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
+from zoo.training.ema import EMA
 from zoo.errors import CheckpointError, TrainingDiverged
-from zoo.images import read_metrics
-from zoo.trainer import Trainer
+from zoo.figures import read_metrics
+from zoo.training.trainer import Trainer
 
 
 def test_resume_continues_exactly(micro_cfg, tmp_path):
@@ -106,7 +106,7 @@ def test_ema_update_is_a_lerp_with_warmup():
 
 
 def test_gradients_are_clipped_to_optim_grad_clip_and_the_logged_norm_is_before_clipping(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     def norm_at_the_optimizer_step(clip):
         """(the gradient norm the optimizer steps with, the logged grad_norm) of one step."""
@@ -131,7 +131,7 @@ def test_gradients_are_clipped_to_optim_grad_clip_and_the_logged_norm_is_before_
 
 
 def test_warmup_ramps_the_learning_rate_linearly_from_the_first_step(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     trainer = Trainer(micro_cfg("sit", "optim.lr=1e-3", "optim.warmup_steps=4"), run_dir=None, progress=False)
     batches = trainer.loader.iterate(0)
@@ -146,7 +146,7 @@ def test_warmup_ramps_the_learning_rate_linearly_from_the_first_step(micro_cfg):
 
 
 def test_ema_warmup_is_used_by_the_trainer(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     trainer = Trainer(micro_cfg("sit", "train.ema_decay=0.999", "train.ema_warmup=true"), run_dir=None, progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}

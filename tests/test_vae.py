@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo import contract
+from zoo.training import contract
 from zoo.config import load_config
 from zoo.errors import ConfigError, DataError, MissingWeightsError
-from zoo.vae import ensure_builtin_vae, kl_to_standard_normal, latent_shape, load_vae
+from zoo.latents.vae import ensure_builtin_vae, kl_to_standard_normal, latent_shape, load_vae
 
 MICRO = ["preset=micro", "train.device=cpu"]
 
@@ -108,7 +108,7 @@ def zoo(*args):
 
 
 def test_prepare_latents_and_export_vae_commands(tmp_path):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     images = write_image_folder(tmp_path / "images", n=4)
     out = zoo("prepare", "latents", "--vae", "builtin", "--preset", "micro", "--images", str(images), "--out",
@@ -131,7 +131,7 @@ def test_prepare_latents_and_export_vae_commands(tmp_path):
 def test_lpips_from_local_files_is_zero_on_equal_images_and_grows_with_noise(tmp_path):
     from torchvision.models import vgg16
 
-    from zoo.lpips import CHANNELS, load_lpips
+    from zoo.latents.lpips import CHANNELS, load_lpips
 
     with pytest.raises(MissingWeightsError, match="(?s)vgg16-397923af.pth.*curl"):
         load_lpips(tmp_path)

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from zoo.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ODE_SOLVER_NAMES = ("euler", "heun", "heun_trapezoid", "dopri5")   # sample.solver (zoo/samplers.py)
+ODE_SOLVER_NAMES = ("euler", "heun", "heun_trapezoid", "dopri5")   # sample.solver (zoo/flow/samplers.py)
 PRESET_DIR = CONFIG_DIR / "presets"
 
 
@@ -117,7 +117,7 @@ class SampleConfig:
 
 @dataclass
 class TeacherConfig:
-    """The built-in teacher encoder (zoo/encoders/builtin.py), used by aligning methods whose encoder is
+    """The built-in teacher encoder (zoo/teachers/builtin.py), used by aligning methods whose encoder is
     `builtin`: a small ViT trained self-supervised on the run's data. Every field is part of its cache key."""
     patch: int = 4              # 32x32 images -> an 8x8 token grid, the `tiny` SiT's
     width: int = 96             # token width D that projectors map to
@@ -135,7 +135,7 @@ class TeacherConfig:
 
 @dataclass
 class AutoencoderConfig:
-    """The built-in VAE (zoo/vae.py), used when data.vae=builtin: a small diffusers AutoencoderKL trained on
+    """The built-in VAE (zoo/latents/vae.py), used when data.vae=builtin: a small diffusers AutoencoderKL trained on
     the run's data with L1 + KL. Every field is part of its cache key."""
     channels: List[int] = field(default_factory=lambda: [16, 32, 32])  # downsampling 2^(len - 1): 32 px -> 8x8
     layers_per_block: int = 1
@@ -232,7 +232,7 @@ def load_config(method: Optional[str], overrides: Optional[list[str]] = None, pr
     `method=None` gives the shared sections alone (preset and overrides, no method file), for commands
     that need data or the built-in teacher's recipe but train no method.
     """
-    from zoo.registry import get_method_class
+    from zoo.training.registry import get_method_class
 
     method_cls = get_method_class(method) if method is not None else None
     cli = parse_overrides(overrides or [])
@@ -256,7 +256,7 @@ def load_config(method: Optional[str], overrides: Optional[list[str]] = None, pr
 
 def config_from_dict(data: dict) -> DictConfig:
     """Rebuild a resolved config (e.g. from a checkpoint), validating it against today's schema."""
-    from zoo.registry import get_method_class
+    from zoo.training.registry import get_method_class
 
     if "method" not in data:
         raise ConfigError("this config has no 'method' key")

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo import sharing
+from methods import ddt_sharing as sharing
 from zoo.backbones.ddt import DDT, ddt_parameter_count
 from zoo.backbones.layers import Block, FinalLayer, unpatchify
 from zoo.backbones.sit import count_parameters
 from zoo.errors import ConfigError
-from zoo.guidance import Guidance
-from zoo.samplers import build_sampler
-from zoo.sampling import build_method, generate
+from zoo.flow.guidance import Guidance
+from zoo.flow.samplers import build_sampler
+from zoo.training.generate import build_method, generate
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods" / "ddt.md"
 
@@ -166,7 +166,7 @@ def test_repa_aligns_the_chosen_encoder_block(micro_cfg, seeded_loss):
                              bb.rope)
     from methods.repa import repa_loss
 
-    expected = repa_loss(h, model.extras["projectors"], [enc(x) for enc in method.encoders])
+    expected = repa_loss(h, model.extras["projectors"], [enc(x) for enc in method.teacher.encoders])
     assert set(terms) == {"flow", "repa"}
     assert torch.allclose(terms["repa"].value, expected, atol=1e-5)
 
@@ -310,10 +310,10 @@ def test_heun_recomputes_both_evaluations_of_a_scheduled_step_only(micro_cfg):
 
 
 def test_dp_schedule_is_saved_beside_the_checkpoint_and_reused(micro_cfg, tmp_path, monkeypatch):
-    from zoo.checkpoint import latest_checkpoint
+    from zoo.training.checkpoint import latest_checkpoint
     from zoo.config import load_config
-    from zoo.sampling import load_for_sampling
-    from zoo.trainer import Trainer
+    from zoo.training.generate import load_for_sampling
+    from zoo.training.trainer import Trainer
 
     cfg = load_config("ddt", ["preset=micro", "train.device=cpu", "train.steps=2", "sample.num=0"])
     Trainer(cfg, run_dir=tmp_path / "run", progress=False).fit()
@@ -340,7 +340,7 @@ def test_dp_schedule_is_saved_beside_the_checkpoint_and_reused(micro_cfg, tmp_pa
 
 def test_eval_passes_sampling_options_and_keys_records_by_them(micro_cfg):
     from zoo.cli import build_parser
-    from zoo.commands.eval import settings_from
+    from zoo.cli.commands.eval import settings_from
     from zoo.eval.evaluate import EvalSettings, sample_uint8
 
     args = build_parser().parse_args(["eval", "--ckpt", "x", "--share", "dp:4"])

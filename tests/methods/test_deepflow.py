@@ -11,8 +11,8 @@ from zoo.backbones.deepflow import DeepFlowSiT, build_deepflow_sit
 from zoo.backbones.sit import SiT, count_parameters
 from zoo.config import load_config
 from zoo.errors import ConfigError
-from zoo.method import TrainContext
-from zoo.sampling import build_method, generate
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method, generate
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "methods" / "deepflow.md"
 
@@ -164,10 +164,10 @@ def test_at_initialisation_the_acceleration_head_is_zero_and_the_method_losses_m
 
 def test_repa_off_loads_no_teacher_and_repa_on_aligns_every_post_vera_state(micro_cfg):
     off = micro(micro_cfg)
-    assert off.encoders == [] and off.caches == [] and "projectors" not in off.build_model().extras
+    assert off.teacher is None and "projectors" not in off.build_model().extras
     on = micro(micro_cfg, "deepflow.repa=true", "deepflow.feature_cache=never")
     model = perturbed_model(on)
-    assert len(on.encoders) == 1 and len(model.extras["projectors"]) == 2  # one per VeRA block
+    assert len(on.teacher.encoders) == 1 and len(model.extras["projectors"]) == 2  # one per VeRA block
     batch = first_batch(on.cfg)
     torch.manual_seed(6)
     terms = on.loss_terms(model, batch, TrainContext(0, None))
@@ -175,7 +175,7 @@ def test_repa_off_loads_no_teacher_and_repa_on_aligns_every_post_vera_state(micr
     times, eps = replay_draws(6, x, 3, on.options.time_gap)
     t0 = times[0].view(-1, 1, 1, 1)
     refined = model.backbone((1 - t0) * x + t0 * eps, times[0], y, branch_times=times[1:]).refined
-    tokens = on.encoders[0](x)
+    tokens = on.teacher.encoders[0](x)
     expected = 0.0
     for h, projectors in zip(refined, model.extras["projectors"]):
         z = torch.nn.functional.normalize(projectors[0](h), dim=-1)

@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 from methods.layersync import layersync_loss
 from zoo.errors import ConfigError
-from zoo.method import TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method
 
 
 def test_loss_is_the_negative_mean_token_cosine_to_the_deep_block():

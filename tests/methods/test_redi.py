@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from methods.redi import guided_velocity, without_features
 from zoo.data import BatchLoader, build_dataset
 from zoo.errors import ConfigError
-from zoo.guidance import Guidance
-from zoo.method import TrainContext
-from zoo.pca import fit_pca, pca_identity, save_pca
-from zoo.sampling import build_method
+from zoo.flow.guidance import Guidance
+from zoo.training.method import TrainContext
+from zoo.latents.pca import fit_pca, pca_identity, save_pca
+from zoo.training.generate import build_method
 
 NULL = 10
 
@@ -106,7 +106,7 @@ def test_joint_noising_uses_one_t_and_independent_noise(micro_cfg):
 def test_features_are_the_teachers_standardised_pca_coordinates_on_the_state_grid(micro_cfg):
     method, _, cfg = redi(micro_cfg, "redi.feature_cache=never")
     batch = first_batch(cfg)
-    tokens = method.encoders[0](batch["image"])                 # [B, 64, D] on the 8x8 token grid
+    tokens = method.teacher.encoders[0](batch["image"])                 # [B, 64, D] on the 8x8 token grid
     pca, r = method.pca, cfg.redi.rank
     coords = ((tokens - pca.mean) / pca.std) @ pca.components[:r].T
     grid = coords.reshape(len(tokens), 8, 8, r).permute(0, 3, 1, 2)
@@ -269,7 +269,7 @@ def test_bad_options_are_clear_errors(micro_cfg, override, match):
 # ------------------------------------------------------------------ zoo eval / zoo sample plumbing
 def test_zoo_eval_takes_rg_and_each_setting_gets_its_own_record(micro_cfg, monkeypatch):
     from zoo.cli import build_parser
-    from zoo.commands.eval import settings_from
+    from zoo.cli.commands.eval import settings_from
     from zoo.config import to_dict
     from zoo.eval import evaluate
 
@@ -288,7 +288,7 @@ def test_zoo_eval_takes_rg_and_each_setting_gets_its_own_record(micro_cfg, monke
     paths = {record({}), record({"rg": 1.5}), record({"rg": 2.0}), record({"rg": 1.5, "rg_interval": [0.0, 0.7]})}
     assert len(paths) == 4
     # without options, a record's key (and a comparison's protocol) is what it was before options existed
-    from zoo.compare import Comparison
+    from zoo.compare.runner import Comparison
 
     plain = evaluate.PROTOCOL
     assert "options" not in plain.key_fields() and "options" in evaluate.EvalSettings(options={"rg": 2}).key_fields()
@@ -296,7 +296,7 @@ def test_zoo_eval_takes_rg_and_each_setting_gets_its_own_record(micro_cfg, monke
     assert Comparison(["redi"], 10, 5, "out").protocol()["settings"] == before
     # the options reach generation
     seen = {}
-    monkeypatch.setattr("zoo.sampling.iter_generate", lambda *a, **k: seen.update(k) or iter([torch.zeros(1, 3, 4, 4)]))
+    monkeypatch.setattr("zoo.training.generate.iter_generate", lambda *a, **k: seen.update(k) or iter([torch.zeros(1, 3, 4, 4)]))
     evaluate.sample_uint8(None, None, torch.tensor([0]), evaluate.EvalSettings(
         sampler="ode", solver="euler", steps=2, cfg_scale=1.0, cfg_interval=(0, 1), options={"rg": 1.5}), "cpu", False)
     assert seen["rg"] == 1.5

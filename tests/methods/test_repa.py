@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from methods.repa import repa_loss
-from zoo.alignment import negative_cosine, projector
+from zoo.teachers.alignment import negative_cosine, projector
 from zoo.data import build_dataset
 from zoo.errors import ConfigError
-from zoo.method import TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method
 
 
 def reference_repa_loss(hidden, projectors, targets):
@@ -52,7 +52,7 @@ def test_method_loss_uses_block_k_of_the_noisy_input_and_each_encoders_tokens(mi
     batch = next(iter_batches(cfg))
     terms, t, x, x_t = seeded_loss(method, model, batch)
     hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(1,)).hidden[1]
-    targets = [encoder(x) for encoder in method.encoders]
+    targets = [encoder(x) for encoder in method.teacher.encoders]
     assert len(targets) == 2 and targets[0].shape == (len(x), 64, cfg.teacher.width)
     expected = reference_repa_loss(hidden, model.extras["projectors"], targets)
     assert set(terms) == {"flow", "repa"}
@@ -98,10 +98,10 @@ def test_with_lambda_zero_the_backbone_gets_exactly_vanilla_sits_gradients(micro
 
 
 def test_projector_learns_and_the_teacher_gets_no_gradient_and_never_changes(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     trainer = Trainer(micro_cfg("repa", "repa.feature_cache=never"), run_dir=None, progress=False)
-    teacher = trainer.method.encoders[0]
+    teacher = trainer.method.teacher.encoders[0]
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     proj_before = [p.detach().clone() for p in trainer.model.extras["projectors"].parameters()]
     batches = trainer.loader.iterate(0)
@@ -123,7 +123,7 @@ def test_cached_and_on_the_fly_features_give_the_same_loss(micro_cfg):
     cached.setup("cpu")
     live = build_method(micro_cfg("repa", "repa.feature_cache=never"))
     live.setup("cpu")
-    assert cached.caches and not live.caches
+    assert cached.teacher.caches and not live.teacher.caches
     model = live.build_model()
     batches = iter_batches(live.cfg)
     for _ in range(2):  # batches with and without flipped images

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import ConfigError
-from zoo.method import TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method
 
 
 @pytest.fixture
@@ -49,32 +49,35 @@ def test_the_diffusion_loss_gives_the_vae_exactly_zero_gradient_and_the_repa_los
 
 def test_the_discriminator_update_touches_neither_the_vae_nor_sit(built):
     method, model, batch = built
-    method.vae_losses(model, batch, TrainContext(0, None))
+    ctx = TrainContext(0, None)  # one step: its phases share the context
+    method.vae_losses(model, batch, ctx)
     model.zero_grad(set_to_none=True)
-    terms = method.discriminator_losses(model, batch, TrainContext(0, None))
+    terms = method.discriminator_losses(model, batch, ctx)
     terms["disc"].value.backward()
     for part in (model.extras["vae"], model.backbone, model.extras["projectors"]):
         assert all(g is None for g in grads(part))
     assert all(g is not None for g in grads(model.extras["discriminator"]))
     # hinge loss: 0.5 (relu(1 - D(x)) + relu(1 + D(G(z))))
     disc = model.extras["discriminator"]
-    expected = 0.5 * (F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(method.latents["recon"])).mean())
+    expected = 0.5 * (F.relu(1 - disc(batch["image"])).mean() + F.relu(1 + disc(ctx.carry["vae"]["recon"])).mean())
     assert torch.allclose(terms["disc"].value, expected)
 
 
 def test_the_sit_update_reuses_the_vae_updates_t_and_noise(built):
     method, model, batch = built
-    method.vae_losses(model, batch, TrainContext(0, None))
-    t, eps = method.latents["t"], method.latents["eps"]
+    ctx = TrainContext(0, None)
+    method.vae_losses(model, batch, ctx)
+    t, eps = ctx.carry["vae"]["t"], ctx.carry["vae"]["eps"]
     torch.manual_seed(123)  # whatever the RNG says now, update 3 noises with update 1's draws
-    x = model.extras["bn"].eval()(method.latents["z"])
-    model.extras["bn"].train()
-    assert method.noise(x) == (t, eps)
     seen = {}
     real = method.path.interpolate
-    method.path.interpolate = lambda x, e, tt: seen.update(eps=e, t=tt) or real(x, e, tt)
-    method.loss_terms(model, batch, TrainContext(0, None))
+    method.path.interpolate = lambda x, e, tt: seen.update(x=x, eps=e, t=tt) or real(x, e, tt)
+    method.loss_terms(model, batch, ctx)
     assert seen["eps"] is eps and seen["t"] is t
+    # ... on BN (training mode) of update 1's latent
+    bn = model.extras["bn"]
+    expected = F.batch_norm(ctx.carry["vae"]["z"], None, None, training=True, eps=bn.eps)
+    assert torch.allclose(seen["x"], expected, atol=1e-5)
 
 
 def test_the_gan_term_sees_the_discriminator_in_training_mode_without_training_it(built):
@@ -106,7 +109,7 @@ def test_the_discriminator_starts_from_taming_weights_init(micro_cfg):
 
 
 def test_the_ema_copies_the_vae_and_averages_the_rest(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     trainer = Trainer(micro_cfg("repa_e", "train.ema_decay=0.5"), run_dir=None, progress=False)
     trainer.train_step(next(trainer.loader.iterate(0)))
@@ -147,19 +150,20 @@ def test_bn_statistics_move_in_the_sit_update_only_and_sampling_inverts_bn_exact
     assert torch.allclose(bn.running_mean, vae.shift.flatten().expand_as(bn.running_mean))
     assert torch.allclose(bn.running_var, (1 / vae.scale.flatten() ** 2).expand_as(bn.running_var))
     before = (bn.running_mean.clone(), bn.running_var.clone())
-    method.vae_losses(model, batch, TrainContext(0, None))
+    ctx = TrainContext(0, None)
+    method.vae_losses(model, batch, ctx)
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
-    method.loss_terms(model, batch, TrainContext(0, None))
+    method.loss_terms(model, batch, ctx)
     assert not torch.equal(bn.running_mean, before[0]) and not torch.equal(bn.running_var, before[1])
     # decode(BN_eval(z)) == VAE.decode(z): the de-normalisation is BN's exact inverse
-    z = method.latents["z"]
+    z = ctx.carry["vae"]["z"]
     state = F.batch_norm(z, bn.running_mean, bn.running_var, training=False, eps=bn.eps)
     with torch.no_grad():
         assert torch.allclose(method.decode(model, state), vae.decode_latent(z), atol=1e-5)
 
 
 def test_a_training_step_moves_every_part(micro_cfg):
-    from zoo.trainer import Trainer
+    from zoo.training.trainer import Trainer
 
     trainer = Trainer(micro_cfg("repa_e"), run_dir=None, progress=False)
     ex = trainer.model.extras
@@ -173,12 +177,13 @@ def test_a_training_step_moves_every_part(micro_cfg):
 
 
 def test_exported_vae_loads_as_a_frozen_vae_whose_states_match_the_bn(built, tmp_path, micro_cfg):
-    from zoo.vae import load_vae
+    from zoo.latents.vae import load_vae
 
     method, model, batch = built
-    for _ in range(2):
-        method.vae_losses(model, batch, TrainContext(0, None))
-        method.loss_terms(model, batch, TrainContext(0, None))  # moves the BN statistics
+    for step in range(2):
+        ctx = TrainContext(step, None)
+        method.vae_losses(model, batch, ctx)
+        method.loss_terms(model, batch, ctx)  # moves the BN statistics
     method.export_vae(model).save_pretrained(tmp_path / "vae")
     vae = load_vae(micro_cfg("sit"), str(tmp_path / "vae")).eval()
     bn = model.extras["bn"]
@@ -201,10 +206,11 @@ def test_the_vae_update_samples_the_posterior_and_normalises_with_bn_running_sta
     monkeypatch.setattr(method.path, "interpolate", lambda x, e, t: seen.update(state=x) or real(x, e, t))
     mean, std = model.extras["vae"].posterior(batch["image"])
     torch.manual_seed(7)
-    method.vae_losses(model, batch, TrainContext(0, None))
+    ctx = TrainContext(0, None)
+    method.vae_losses(model, batch, ctx)
     torch.manual_seed(7)
     z = mean + std * torch.randn_like(std)                   # the reparametrised posterior sample
-    assert torch.allclose(method.latents["z"], z, atol=1e-6)
+    assert torch.allclose(ctx.carry["vae"]["z"], z, atol=1e-6)
     expected = (z - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + 1e-4)
     assert torch.allclose(seen["state"], expected, atol=1e-5)
 

@@ -1,8 +1,8 @@
 """Vanilla SiT: its loss is exactly the flow-matching loss of the equations."""
 import torch
 
-from zoo.method import TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method
 
 
 def test_loss_is_the_velocity_mse_of_a_direct_transcription(micro_cfg):
@@ -37,8 +37,8 @@ def test_label_dropout_uses_the_null_class(micro_cfg):
 
 def test_extra_losses_receive_the_noisy_sample_and_the_batch(micro_cfg):
     """The FlowState handed to `extra_losses` is the step's own: x, eps, t, x_t on the path, labels, batch."""
-    from zoo.method import TrainContext
-    from zoo.sampling import build_method
+    from zoo.training.method import TrainContext
+    from zoo.training.generate import build_method
 
     method = build_method(micro_cfg("sit", "model.class_dropout=0"))
     model = method.build_model()

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from methods.sra import sra_loss
 from zoo.errors import ConfigError
-from zoo.method import FlowState, TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import FlowState, TrainContext
+from zoo.training.generate import build_method
 
 
 def _setup(micro_cfg, *overrides):

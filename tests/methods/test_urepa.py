@@ -9,7 +9,7 @@ from methods.urepa import (
     upsample_tokens,
     urepa_losses,
 )
-from zoo.alignment import negative_cosine, projector
+from zoo.teachers.alignment import negative_cosine, projector
 from zoo.backbones.layers import unpatchify
 from zoo.backbones.sit import sit_parameter_count
 from zoo.backbones.usit import (
@@ -21,8 +21,8 @@ from zoo.backbones.usit import (
 )
 from zoo.data import BatchLoader, build_dataset
 from zoo.errors import ConfigError
-from zoo.method import TrainContext
-from zoo.sampling import build_method
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method
 
 
 # ---------------------------------------------------------------- the manifold loss
@@ -59,7 +59,7 @@ def test_flattened_manifold_form_is_the_ports_gram_of_normalised_tokens_with_mse
 
 
 def test_manifold_form_is_checked_and_reaches_the_loss(micro_cfg):
-    from zoo.sampling import build_method
+    from zoo.training.generate import build_method
 
     with pytest.raises(ConfigError, match="urepa.manifold_form"):
         build_method(micro_cfg("urepa", "urepa.manifold_form=gram"))
@@ -238,7 +238,7 @@ def test_method_aligns_the_middle_stage_projected_then_upsampled_to_the_teachers
     terms, t, x, x_t = seeded_loss(method, model, batch)
     hidden = backbone(x_t, t, batch["label"], hidden_layers=(2,)).hidden[2]
     assert hidden.shape[1] == 16  # the 4x4 middle stage
-    y = method.encoders[0](x)
+    y = method.teacher.encoders[0](x)
     assert y.shape[1] == 64  # the teacher's tokens are on the full-resolution 8x8 grid
     proj = model.extras["projectors"][0]
     grid = proj(hidden).transpose(1, 2).reshape(len(x), -1, 4, 4)

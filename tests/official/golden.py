@@ -4,8 +4,8 @@ from pathlib import Path
 import torch
 
 from zoo.config import load_config
-from zoo.method import DataInfo
-from zoo.registry import get_method_class
+from zoo.training.method import DataInfo
+from zoo.training.registry import get_method_class
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOL = 1e-5   # max abs difference in fp32

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from golden import assert_close, assert_grads, fixture, loaded, official_method, zoo_entries
-from zoo import sharing
+from methods import ddt_sharing as sharing
 from zoo.backbones.ddt import ddt_parameter_count
 from zoo.config import load_config
-from zoo.guidance import Guidance
-from zoo.method import DataInfo, TrainContext
-from zoo.samplers import build_sampler
+from zoo.flow.guidance import Guidance
+from zoo.training.method import DataInfo, TrainContext
+from zoo.flow.samplers import build_sampler
 
 DDT = ["model.size=custom", "model.hidden=32", "model.depth=4", "model.heads=4", "model.patch=2", "model.time_scale=1",
        "model.time_max_period=10", "ddt.decoder_depth=1", "ddt.encoder_depth=2", "ddt.projector_dim=64",
@@ -24,16 +24,16 @@ FORWARD = fixture("ddt_forward")
 
 @pytest.fixture(scope="module")
 def ddt(request):
-    import methods.repa
+    import zoo.teachers.teacher
 
-    real = methods.repa.encoder_dims
-    methods.repa.encoder_dims = lambda names, cfg: [32]
+    real = zoo.teachers.teacher.encoder_dims
+    zoo.teachers.teacher.encoder_dims = lambda names, cfg: [32]
     try:
         method = official_method("ddt", DataInfo(4, 8, 10), *DDT)
         projector = fixture("ddt_repa_loss")["state_dict"]
         return method, loaded(method, {**FORWARD["state_dict"], **projector})
     finally:
-        methods.repa.encoder_dims = real
+        zoo.teachers.teacher.encoder_dims = real
 
 
 @pytest.mark.parametrize("size", ["x8", "x16"])
@@ -92,7 +92,7 @@ def test_the_euler_sampler_with_last_step_and_refresh_rate_equals_the_released_o
 
 def test_the_time_grid_ends_with_a_step_from_0_04_and_guidance_follows_the_interval():
     golden = fixture("ddt_sampler")["outputs"]
-    from zoo.samplers import time_grid
+    from zoo.flow.samplers import time_grid
 
     assert_close(time_grid(10, 0.04), 1 - golden["timesteps"].double(), tol=1e-7, what="time grid")
     guided = [Guidance(2.0, 0.0, 0.7).active(float(t)) for t in time_grid(10, 0.04)[:-1]]

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import methods.deepflow
-import zoo.samplers
+import zoo.teachers.teacher
+import zoo.flow.samplers
 from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
-from zoo.guidance import Guidance
-from zoo.method import DataInfo, TrainContext
-from zoo.samplers import build_sampler
+from zoo.flow.guidance import Guidance
+from zoo.training.method import DataInfo, TrainContext
+from zoo.flow.samplers import build_sampler
 
 FORWARD = fixture("deepflow_forward")
 CFG = FORWARD["config"]
@@ -23,13 +24,13 @@ OPTIONS = [*sit_overrides(CFG), "model.time_scale=1", f"deepflow.splits=[{','.jo
 
 @pytest.fixture(scope="module")
 def deepflow():
-    real = methods.deepflow.encoder_dims
-    methods.deepflow.encoder_dims = lambda names, cfg: CFG["z_dims"]
+    real = zoo.teachers.teacher.encoder_dims
+    zoo.teachers.teacher.encoder_dims = lambda names, cfg: CFG["z_dims"]
     try:
         method = official_method("deepflow", DataInfo(4, 8, 10), *OPTIONS)
         return method, loaded(method, FORWARD["state_dict"])
     finally:
-        methods.deepflow.encoder_dims = real
+        zoo.teachers.teacher.encoder_dims = real
 
 
 def test_branch_velocities_accelerations_and_projections_equal_the_official_model(deepflow):
@@ -102,7 +103,7 @@ def test_sde_samples_equal_the_official_sampler(deepflow, monkeypatch, run):
     method, model = deepflow
     settings = SAMPLER["config"]["runs"][run]
     noises = iter(SAMPLER["outputs"][f"{run}_eps"])
-    monkeypatch.setattr(zoo.samplers, "_randn_like", lambda x, generator: next(noises))
+    monkeypatch.setattr(zoo.flow.samplers, "_randn_like", lambda x, generator: next(noises))
     sampler = build_sampler("sde", SAMPLER["config"]["num_steps"])
     guidance = Guidance(settings["cfg_scale"], settings["guidance_low"], settings["guidance_high"])
     field = method.velocity_field(model, SAMPLER["inputs"]["y"], guidance, sampler=sampler)

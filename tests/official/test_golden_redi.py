@@ -5,11 +5,11 @@ t = 1 as data (`model.time_convention=data`)."""
 import pytest
 import torch
 
-import zoo.samplers
+import zoo.flow.samplers
 from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
-from zoo.guidance import Guidance
-from zoo.method import DataInfo, TrainContext
-from zoo.samplers import build_sampler
+from zoo.flow.guidance import Guidance
+from zoo.training.method import DataInfo, TrainContext
+from zoo.flow.samplers import build_sampler
 
 LOSS = fixture("redi_loss")
 RANK = LOSS["config"]["pca_rank"]
@@ -27,7 +27,7 @@ def test_training_loss_and_gradients_equal_the_official_transport(redi, monkeypa
     method, model = redi
     draws, expected = LOSS["inputs"][case], LOSS["outputs"][case]
     model.train()
-    monkeypatch.setattr(method, "encode", lambda model, batch: LOSS["inputs"]["x_joint"].clone())
+    monkeypatch.setattr(method, "clean", lambda model, batch: (LOSS["inputs"]["x_joint"].clone(), {}))
     monkeypatch.setattr(method, "noise", lambda x: (1 - draws["t"], draws["noise_x0"]))
     monkeypatch.setattr(method, "drop_features", lambda: expected["features_dropped"])
     monkeypatch.setattr(method, "drop_labels", lambda model, y: expected["labels_effective"])
@@ -52,7 +52,7 @@ def test_sde_samples_with_cfg_and_representation_guidance_equal_the_official_sam
     method, model = redi
     run = SAMPLING["outputs"][case]
     noises = iter(run["em_noise_first_half"])
-    monkeypatch.setattr(zoo.samplers, "_randn_like", lambda x, generator: next(noises))
+    monkeypatch.setattr(zoo.flow.samplers, "_randn_like", lambda x, generator: next(noises))
     monkeypatch.setattr(method.options, "cfg_features", cfg_features)
     sampler = build_sampler("sde", SAMPLING["config"]["sde"]["num_steps"])
     field = method.velocity_field(model, SAMPLING["inputs"]["y"], Guidance(cfg), rg=rg)

@@ -5,7 +5,7 @@ import torch
 
 from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
-from zoo.method import DataInfo, TrainContext
+from zoo.training.method import DataInfo, TrainContext
 
 CONFIG = fixture("repa_forward")["config"]
 REPA = [*sit_overrides(CONFIG), "model.time_scale=1", f"repa.encoder_depth={CONFIG['encoder_depth']}",
@@ -15,9 +15,9 @@ ENCODER_DIMS = CONFIG["z_dims"]
 
 def repa_method(monkeypatch):
     """The zoo's REPA with two teachers of widths 32 and 48, as the fixture's z_dims."""
-    import methods.repa
+    import zoo.teachers.teacher
 
-    monkeypatch.setattr(methods.repa, "encoder_dims", lambda names, cfg: ENCODER_DIMS)
+    monkeypatch.setattr(zoo.teachers.teacher, "encoder_dims", lambda names, cfg: ENCODER_DIMS)
     return official_method("repa", DataInfo(4, 8, 10), *REPA)
 
 

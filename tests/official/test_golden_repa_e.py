@@ -11,8 +11,8 @@ import torch
 from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from methods.repa_e import PatchDiscriminator, hinge_loss
 from zoo.config import load_config
-from zoo.lpips import LPIPS, SLICES
-from zoo.method import DataInfo, Method, TrainContext
+from zoo.latents.lpips import LPIPS, SLICES
+from zoo.training.method import DataInfo, Method, TrainContext
 
 DISC = fixture("repa_e_discriminator")
 LOSSES = fixture("repa_e_vae_losses")
@@ -77,11 +77,11 @@ def lpips_from_recipe() -> LPIPS:
 
 @pytest.fixture(scope="module")
 def repa_e():
-    import methods.repa
+    import zoo.teachers.teacher
 
     cfg = STEP["config"]
-    real = methods.repa.encoder_dims
-    methods.repa.encoder_dims = lambda names, config: cfg["z_dims"]
+    real = zoo.teachers.teacher.encoder_dims
+    zoo.teachers.teacher.encoder_dims = lambda names, config: cfg["z_dims"]
     try:
         method = official_method("repa_e", DataInfo(3, 32, 10), *sit_overrides(cfg), "model.time_scale=1",
                                  f"repa_e.encoder_depth={cfg['encoder_depth']}",
@@ -94,7 +94,7 @@ def repa_e():
         model.extras["discriminator"].load_state_dict(official_discriminator().state_dict())
         return method, model
     finally:
-        methods.repa.encoder_dims = real
+        zoo.teachers.teacher.encoder_dims = real
 
 
 def test_vae_side_losses_equal_the_official_reconstruction_loss(repa_e):
@@ -141,12 +141,12 @@ def test_the_vae_updates_repa_term_and_the_sit_update_equal_the_official_step(re
     assert_close(x.grad, out["vae_pass_grad_x_of_1p5_proj"], tol=1e-6, what="its gradient to the latent")
     model.zero_grad(set_to_none=True)
     # the SiT update: BN in training mode on the detached latent, the same t and noise, label dropout
-    method.latents = {"z": inputs["x"], "t": t, "eps": noise}
+    ctx = TrainContext(0, None, carry={"vae": {"z": inputs["x"], "t": t, "eps": noise}})
     monkeypatch.undo()
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": [inputs["zs0"]]})
     labels = torch.where(inputs["label_drop_rand"] < 0.1, torch.full_like(inputs["y"], 10), inputs["y"])
     monkeypatch.setattr(method, "drop_labels", lambda model, y: labels)
-    terms = method.loss_terms(model, batch, TrainContext(0, None))
+    terms = method.loss_terms(model, batch, ctx)
     assert_close(terms["flow"].value, out["sit_denoising_loss_per_sample"].mean(), what="flow loss")
     assert_close(terms["repa"].value, out["sit_proj_loss"], what="REPA loss")
     assert_total_and_grads(method, model, terms, out["sit_loss"], STEP["state_dict"], out["sit_grads"])

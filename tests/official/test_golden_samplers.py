@@ -4,11 +4,11 @@ same model evaluations (which steps are guided, at which batch size and time).""
 import pytest
 import torch
 
-import zoo.samplers
+import zoo.flow.samplers
 from golden import assert_close, fixture, loaded, official_method, sit_overrides
-from zoo.guidance import Guidance
-from zoo.method import DataInfo
-from zoo.samplers import build_sampler
+from zoo.flow.guidance import Guidance
+from zoo.training.method import DataInfo
+from zoo.flow.samplers import build_sampler
 
 GOLDEN = fixture("repa_samplers")
 MODEL = [*sit_overrides(GOLDEN["config"]), "model.time_scale=1", f"repa.encoder_depth={GOLDEN['config']['encoder_depth']}",
@@ -18,21 +18,21 @@ RUNS = GOLDEN["config"]["runs"]
 
 @pytest.fixture(scope="module")
 def zoo_model():
-    import methods.repa
+    import zoo.teachers.teacher
 
-    real = methods.repa.encoder_dims
-    methods.repa.encoder_dims = lambda names, cfg: GOLDEN["config"]["z_dims"]
+    real = zoo.teachers.teacher.encoder_dims
+    zoo.teachers.teacher.encoder_dims = lambda names, cfg: GOLDEN["config"]["z_dims"]
     try:
         method = official_method("repa", DataInfo(4, 8, 1000), *MODEL)
         return method, loaded(method, GOLDEN["state_dict"])
     finally:
-        methods.repa.encoder_dims = real
+        zoo.teachers.teacher.encoder_dims = real
 
 
 def sample(method, model, run, monkeypatch):
     """The zoo's sampler for the official run, recording every backbone evaluation as (batch, t)."""
     noises = iter(GOLDEN["inputs"]["sde_noises"])
-    monkeypatch.setattr(zoo.samplers, "_randn_like", lambda x, generator: next(noises))
+    monkeypatch.setattr(zoo.flow.samplers, "_randn_like", lambda x, generator: next(noises))
     calls, backbone = [], model.backbone
     real_forward = backbone.forward
     monkeypatch.setattr(backbone, "forward", lambda x, t, y, **kw: calls.append((len(x), float(t[0]))) or

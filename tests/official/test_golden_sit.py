@@ -10,7 +10,7 @@ import torch
 from golden import assert_close, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
 from zoo.errors import CheckpointError
-from zoo.method import DataInfo
+from zoo.training.method import DataInfo
 
 GOLDEN = fixture("sit_forward")
 SIT = [*sit_overrides(GOLDEN["config"]), "model.time_scale=1", "model.time_convention=data"]

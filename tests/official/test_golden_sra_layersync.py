@@ -5,7 +5,7 @@ import pytest
 
 from golden import assert_close, assert_total_and_grads, fixture, loaded, official_method, sit_overrides
 from zoo.config import load_config
-from zoo.method import DataInfo, TrainContext
+from zoo.training.method import DataInfo, TrainContext
 
 SRA = fixture("sra_loss")
 SRA_CFG = SRA["config"]["constructor_kwargs"]

@@ -5,7 +5,7 @@
     decoder   v = Final(DecBlocks(PatchEmbed_dec(x_t) + pos, z), z)               (per-token adaLN from z)
 
 The split is exposed as `encode_condition(x_t, t, y) -> z` and `decode_velocity(x_t, t, z) -> v`, which
-is all that encoder sharing at sampling (zoo/sharing.py) needs: z of one step can be reused by later ones.
+is all that encoder sharing at sampling (methods/ddt_sharing.py) needs: z of one step can be reused by later ones.
 `forward` runs both, so plain sampling and `decode_velocity(encode_condition(...))` are the same
 computation. Blocks are the zoo's shared `Block` (RMSNorm, SwiGLU, QK-norm and 2D RoPE are its switches);
 the decoder's blocks and final layer take z as it is, already through its SiLU. Blocks are numbered from 1

@@ -15,7 +15,7 @@ import torch
 from zoo.data.folder import ImageFolder, list_classes
 from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes
 from zoo.errors import ConfigError, DataError
-from zoo.method import DataInfo
+from zoo.training.method import DataInfo
 
 DATASETS = ("shapes", "folder", "latents")
 REFERENCE_SEED_OFFSET = 1_000_003  # the held-out/reference split of the shapes data uses seed + this

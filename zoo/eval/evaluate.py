@@ -65,7 +65,7 @@ class EvalSettings:
 def method_options(method: str, options: dict) -> dict:
     """`options` checked against the method's `sampling_options()`, without those equal to their default
     (so `--share none` and no flag share one record)."""
-    from zoo.registry import get_method_class
+    from zoo.training.registry import get_method_class
 
     known = {o.dest: o for o in get_method_class(method).sampling_options()}
     unknown = sorted(set(options) - set(known))
@@ -94,7 +94,7 @@ def sample_uint8(method, model, labels: torch.Tensor, settings: EvalSettings, de
     """uint8 [N, 3, H, W] samples for `labels` with the settings' sampler, drawn chunk by chunk."""
     from tqdm import tqdm
 
-    from zoo.sampling import iter_generate
+    from zoo.training.generate import iter_generate
 
     chunks = iter_generate(method, model, labels, sampler=settings.sampler, solver=settings.solver,
                            steps=settings.steps, cfg_scale=settings.cfg_scale, cfg_interval=tuple(settings.cfg_interval),
@@ -117,7 +117,7 @@ class Evaluator:
     """Scores checkpoints or sample sets with one feature extractor; reference features are built once."""
 
     def __init__(self, settings: EvalSettings = EvalSettings(), device: str = "auto", progress: bool = True):
-        from zoo.distributed import pick_device
+        from zoo.training.distributed import pick_device
 
         self.settings, self.device, self.progress = settings, pick_device(device), progress
         self._extractors, self._references = {}, {}
@@ -178,9 +178,9 @@ class Evaluator:
 
     def evaluate_checkpoint(self, ckpt, out_dir=None, skip_existing: bool = True, grid_per_class: int = 8) -> dict:
         """Sample from a checkpoint, score the samples and save the record (and a sample grid) as JSON + PNG."""
-        from zoo.checkpoint import load_checkpoint
-        from zoo.images import save_grid
-        from zoo.sampling import load_for_sampling
+        from zoo.training.checkpoint import load_checkpoint
+        from zoo.figures import save_grid
+        from zoo.training.generate import load_for_sampling
 
         state = load_checkpoint(ckpt)
         path = self.record_path(state, out_dir)

@@ -26,7 +26,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from torch_fidelity.utils import create_feature_extractor
 
 from zoo.cache import cache_dir
-from zoo.encoders.pretrained import DINOV2_TIMM, dinov2_file, dinov2_url
+from zoo.teachers.pretrained import DINOV2_TIMM, dinov2_file, dinov2_url
 from zoo.errors import ConfigError, MissingWeightsError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.cache import cache_dir, fingerprint
-from zoo.checkpoint import atomic_save, load_artifact
+from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, training_images
-from zoo.schedule import warmup_cosine
+from zoo.training.helper_lr import warmup_cosine
 from zoo.errors import DataError
 
 JUDGE_FORMAT = "repa-zoo-judge/1"

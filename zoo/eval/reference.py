@@ -13,7 +13,7 @@ import sys
 import torch
 
 from zoo.cache import cache_dir, fingerprint
-from zoo.checkpoint import atomic_save
+from zoo.training.checkpoint import atomic_save
 from zoo.errors import DataError
 
 REFERENCE_FORMAT = "repa-zoo-reference/1"

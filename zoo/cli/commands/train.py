@@ -1,0 +1,59 @@
+"""`zoo train`: train a method (progress bar; a run folder with checkpoints, samples and metrics)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from zoo.cli.options import add_config_args, config_of
+from zoo.errors import ZooError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a method (progress bar, run folder with checkpoints and samples)")
+    add_config_args(p, method_required=False)
+    p.add_argument("--resume", metavar="RUN", help="continue a run folder (or checkpoint) where it stopped")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and parameter count, then exit")
+    p.set_defaults(func=run)
+
+
+def parameter_summary(cfg) -> str:
+    import torch
+
+    from zoo.backbones.sit import count_parameters
+    from zoo.training.generate import build_method
+
+    method = build_method(cfg)
+    with torch.device("meta"):
+        model = method.build_model()
+    total, backbone = count_parameters(model), count_parameters(model.backbone)
+    return f"parameters: {total / 1e6:.2f}M ({backbone / 1e6:.2f}M backbone, {(total - backbone) / 1e6:.2f}M extras)"
+
+
+def run(args) -> int:
+    from zoo.training.checkpoint import load_checkpoint
+    from zoo.config import config_from_dict, to_yaml, with_overrides
+    from zoo.training.trainer import Trainer, new_run_dir
+
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(args.resume)
+        cfg = with_overrides(config_from_dict(resume["config"]), args.overrides)
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(resume["path"]).parent.parent
+    else:
+        if not args.method:
+            raise ZooError("zoo train needs --method (or --resume RUN)")
+        cfg = config_of(args)
+        run_dir = new_run_dir(cfg)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        print(f"# method: {cfg.method}; {parameter_summary(cfg)}")
+        print(f"# would write to: {run_dir}" + (f" (resuming at step {resume['step']})" if resume else ""))
+        return 0
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    if trainer.proc.is_main:
+        print(f"{cfg.method} ({cfg.preset}): {parameter_summary(cfg)}; run folder {run_dir}", file=sys.stderr)
+    last = trainer.fit()
+    if trainer.proc.is_main:
+        loss = f"; final loss {last['loss']:.4f}" if "loss" in last else ""
+        print(f"done: {trainer.step} steps{loss}; checkpoints, samples and metrics in {run_dir}")
+    return 0

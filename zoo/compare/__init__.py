@@ -1,0 +1,1 @@
+"""Side-by-side comparison of methods and the training-speed benchmark."""

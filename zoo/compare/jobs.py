@@ -1,0 +1,89 @@
+"""Several runs of a comparison at once, one process each (`zoo compare --jobs N`).
+
+On a machine with few cores, N single-threaded runs side by side get more steps per second in total
+than one run using every core. Each child process trains and evaluates one (method, seed) exactly as
+the sequential loop would, writing its output to RUN/compare.log; the parent shows one progress bar
+per running job, read from the run's metrics.jsonl and eval folder. Afterwards the sequential loop
+finds every run trained and evaluated and only writes the report.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+from zoo.errors import ZooError
+
+
+def _child(comp, method: str, seed: int, threads: int) -> None:
+    import torch
+
+    from zoo.compare.runner import evaluate_run, run_config, train_run
+    from zoo.eval.evaluate import Evaluator
+
+    run_dir = comp.out / "runs" / f"{method}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "compare.log", "a", buffering=1) as log:
+        sys.stdout = sys.stderr = log
+        cfg = run_config(comp, method, seed)
+        torch.set_num_threads(cfg.train.threads or threads)
+        label = f"{method} seed {seed}"
+        train_run(cfg, run_dir, label, progress=False)
+        evaluate_run(comp, Evaluator(comp.settings, device=comp.device, progress=False), run_dir, label)
+
+
+def _last_step(run_dir: Path) -> int:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float = 2.0) -> None:
+    """Train and evaluate `runs` [(method, seed)], `jobs` at a time; `records[run]` globs the run's evaluation
+    records (for the progress bars)."""
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, failed = list(runs), {}, []
+    try:
+        _loop(comp, pending, running, failed, jobs, threads, records, poll_seconds, ctx)
+    except BaseException:  # Ctrl-C or an error here: stop the children too (checkpoints are written atomically)
+        for proc, *_ in running.values():
+            proc.terminate()
+            proc.join()
+        raise
+    if failed:
+        raise ZooError("runs failed: " + "; ".join(failed))
+
+
+def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: int, records: dict,
+          poll_seconds: float, ctx) -> None:
+    from tqdm import tqdm
+
+    points = len(comp.eval_points())
+    slots = list(range(jobs))
+    while pending or running:
+        while pending and len(running) < jobs:
+            method, seed = pending.pop(0)
+            proc = ctx.Process(target=_child, args=(comp, method, seed, threads), daemon=False)
+            proc.start()
+            run_dir, slot = comp.out / "runs" / f"{method}-seed{seed}", slots.pop(0)
+            bar = tqdm(total=comp.steps, desc=f"{method} seed {seed}", unit="step", position=slot,
+                       dynamic_ncols=True, leave=True)
+            running[(method, seed)] = (proc, run_dir, bar, slot)
+        time.sleep(poll_seconds)
+        for key, (proc, run_dir, bar, slot) in list(running.items()):
+            bar.n = min(_last_step(run_dir), comp.steps)
+            done = len(list((run_dir / "eval").glob(records[key]))) if (run_dir / "eval").exists() else 0
+            bar.set_postfix_str(f"evaluated {done}/{points}", refresh=True)
+            if not proc.is_alive():
+                bar.close()
+                slots = sorted(slots + [slot])
+                if proc.exitcode != 0:
+                    failed.append(f"{key[0]} seed {key[1]} (exit {proc.exitcode}; see {run_dir / 'compare.log'})")
+                del running[key]

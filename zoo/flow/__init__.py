@@ -1,0 +1,1 @@
+"""The flow maths: interpolants, time samplers, integrators, guidance."""

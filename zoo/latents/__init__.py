@@ -1,0 +1,1 @@
+"""Latent tooling: the VAE, LPIPS, the PCA of teacher features."""

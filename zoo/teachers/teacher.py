@@ -1,0 +1,78 @@
+"""The frozen teacher an aligning method holds: its encoders and their token cache, as one component.
+
+    teacher = Teacher(self.options, cfg, grid=16, owner="repa")   # options: TeacherOptions fields
+    teacher.setup(device)                                         # when training (sampling needs no teacher)
+    tokens = teacher.tokens(batch)                                # [y*_e for each encoder e], [B, grid^2, D_e]
+
+A method that aligns builds one in `__init__`, calls `setup` from its own `setup` and `tokens` from its
+`targets`; a method that does not align holds none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoo.data import build_dataset
+from zoo.errors import ConfigError
+from zoo.teachers import build_encoders, encoder_dims
+from zoo.teachers.feature_cache import cacheable, load_or_build
+
+CACHE_MODES = ("auto", "always", "never")
+
+
+@dataclass
+class TeacherOptions:
+    """The teacher's options; an aligning method's config dataclass inherits them (cfg.<method>.encoder, ...)."""
+    encoder: str = "builtin"        # one or more encoders, comma-separated (zoo.teachers.encoder_names())
+    encoder_weights: str = ""       # local weights file or folder per encoder, comma-separated, same order
+    feature_cache: str = "auto"     # auto: cache teacher tokens for in-memory data | always | never
+
+
+def check_options(options, owner: str) -> None:
+    """One clear line for a bad teacher option, whether or not the teacher is used in this run."""
+    if options.feature_cache not in CACHE_MODES:
+        raise ConfigError(f"{owner}.feature_cache={options.feature_cache!r}; valid: {', '.join(CACHE_MODES)}")
+
+
+class Teacher:
+    """Frozen encoders on the backbone's token grid, with a cache of their tokens of the training set.
+
+    The encoders live here, not in the model: they are never optimised, EMA'd or saved in checkpoints.
+    """
+
+    def __init__(self, options, cfg, grid: int, owner: str):
+        check_options(options, owner)
+        self.options, self.cfg, self.grid, self.owner = options, cfg, grid, owner
+        self.device = torch.device("cpu")
+        self.encoders, self.caches = [], []
+
+    def dims(self) -> list[int]:
+        """Each encoder's token width D_e (known without loading its weights): what the projectors map to."""
+        return encoder_dims(self.options.encoder, self.cfg)
+
+    def setup(self, device) -> None:
+        """Load the encoders onto `device` and, where the data allows, their token cache (built on first use)."""
+        if self.cfg.data.dataset == "latents":
+            raise ConfigError(f"{self.owner}'s teacher needs the images, and prepared latents hold none: train on the "
+                              "image folder with data.vae=<VAE> instead")
+        self.device = torch.device(device)
+        self.encoders = build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid,
+                                       cfg=self.cfg, device=self.device)
+        self.caches = []
+        mode = self.options.feature_cache
+        if mode == "never":
+            return
+        dataset = build_dataset(self.cfg.data)
+        if mode == "always" or cacheable(dataset):
+            self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
+
+    def release(self) -> None:
+        """Forget the encoders and caches (a method set up for sampling holds none)."""
+        self.encoders, self.caches = [], []
+
+    def tokens(self, batch: dict) -> list:
+        """y*: each encoder's patch tokens of the clean (possibly flipped) images, cached or computed now."""
+        if self.caches:
+            return [cache.lookup(batch["index"], batch["flip"]).to(self.device) for cache in self.caches]
+        return [encoder(batch["image"]) for encoder in self.encoders]

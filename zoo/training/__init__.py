@@ -1,0 +1,1 @@
+"""The training core: the Method hooks, the trainer, EMA, checkpoints, the registry."""

@@ -1,0 +1,275 @@
+"""The training loop: one linear step that every method shares.
+
+Per step: read a batch; for each of the method's phases, zero its optimizer, compute its named
+losses through the model (one DDP forward), check they are finite, back-propagate the weighted
+sum, clip, step; then update the EMA. Methods change what the losses are, never this loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from zoo.training.checkpoint import FORMAT, atomic_save, checkpoint_path, load_model_weights
+from zoo.config import to_dict, to_yaml
+from zoo.data import BatchLoader, build_dataset
+from zoo.training.distributed import ProcessInfo, all_gather_objects, barrier, init_processes
+from zoo.training.ema import EMA
+from zoo.errors import TrainingDiverged
+from zoo.figures import plot_losses, save_grid
+from zoo.training.method import TrainContext
+from zoo.training.generate import build_method, class_grid_labels, generate_from_config
+
+
+def new_run_dir(cfg) -> Path:
+    name = cfg.train.run_name or f"{cfg.method}-{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir, n = Path(cfg.train.out_dir) / name, 1
+    while run_dir.exists() and any(run_dir.iterdir()):
+        n += 1
+        run_dir = Path(cfg.train.out_dir) / f"{name}-{n}"
+    return run_dir
+
+
+class Trainer:
+    """One run's training: built in named parts (processes and torch, the method and its frozen helpers, the
+    model, EMA and optimizers, the data), then `fit` runs `train_step` to the end."""
+
+    def __init__(self, cfg, run_dir: Optional[Path] = None, resume: Optional[dict] = None,
+                 proc: Optional[ProcessInfo] = None, progress: bool = True):
+        self.cfg, self.run_dir, self.progress = cfg, Path(run_dir) if run_dir else None, progress
+        self.proc = proc or init_processes(cfg.train.device)
+        self.device = self.proc.device
+        self.bf16 = self.configure_torch()
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
+        self.method = build_method(cfg)
+        self.set_up_method()
+        self.model = self.build_model()
+        self.ema = EMA(self.model, cfg.train.ema_decay, cfg.train.ema_warmup, self.method.unaveraged())
+        self.phases = self.method.phases(self.model)
+        self.optimizers, self.base_lr = self.build_optimizers()
+        self.forward = self.wrap_for_processes()
+        self.step = 0
+        torch.manual_seed(cfg.train.seed * 1_000 + self.proc.rank + 1)  # per-process training noise
+        if resume is not None:
+            self.load_state(resume)
+        self.dataset = build_dataset(cfg.data)
+        self.loader = BatchLoader(self.dataset, cfg.data, cfg.train.batch_size, cfg.train.seed,
+                                  self.proc.rank, self.proc.world_size)
+
+    # ------------------------------------------------------------------ building
+    def configure_torch(self) -> bool:
+        """Threads and TF32 as the config asks; returns whether the step runs under bf16 autocast."""
+        run = self.cfg.train
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return run.precision == "bf16" or (run.precision == "auto" and self.device.type == "cuda")
+
+    def set_up_method(self) -> None:
+        """The method's frozen helpers, main process first: what setup trains and caches on first use (a teacher,
+        a VAE, feature caches) is built once, and the other processes then find it in the cache."""
+        if not self.proc.is_main:
+            barrier(self.proc)
+        self.method.setup(self.device, training=True)
+        if self.proc.is_main:
+            barrier(self.proc)
+
+    def build_model(self):
+        model = self.method.build_model().to(self.device)
+        if self.proc.distributed and self.device.type == "cuda":
+            # batch statistics over all processes; PyTorch's SyncBatchNorm has no CPU kernel, so on
+            # CPU each process normalises with its own batch and DDP broadcasts rank 0's buffers
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
+
+    def build_optimizers(self) -> tuple[dict, dict]:
+        """One AdamW per phase, and each phase's peak learning rate (its own, or optim.lr)."""
+        o = self.cfg.optim
+        optimizers = {p.name: torch.optim.AdamW(p.parameters, lr=p.lr or o.lr, betas=(o.beta1, o.beta2),
+                                                weight_decay=o.weight_decay) for p in self.phases}
+        return optimizers, {p.name: p.lr or o.lr for p in self.phases}
+
+    def wrap_for_processes(self):
+        """What a phase's losses run through: the model (its backbone compiled with train.compile, after the EMA
+        copied it), or its DDP wrapper when there are several processes."""
+        if self.cfg.train.compile:
+            self.model.backbone.compile()
+        if not self.proc.distributed:
+            return self.model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+    # ------------------------------------------------------------------ one step
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step of every phase; returns the logged values as tensors."""
+        batch = self.to_device(batch)
+        ctx = TrainContext(self.step, self.ema.module, self.proc.rank, self.proc.world_size)
+        logs = {}
+        for phase in self.phases:
+            opt = self.optimizers[phase.name]
+            warmup = self.cfg.optim.warmup_steps
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr[phase.name] * (min(1.0, (self.step + 1) / warmup) if warmup else 1.0)
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                terms = self.forward(phase.losses, batch, ctx)
+            total = sum(term.weight * term.value.float() for term in terms.values())
+            values = {name: term.value.detach().float() for name, term in terms.items()}
+            self.check_finite(values, total)
+            total.backward()
+            clip = self.cfg.optim.grad_clip
+            norm = torch.nn.utils.clip_grad_norm_(phase.parameters, clip if clip > 0 else math.inf)
+            if not torch.isfinite(norm):
+                raise self.diverged(f"the gradient norm of phase {phase.name!r} is {norm.item()}")
+            opt.step()
+            suffix = "" if len(self.phases) == 1 else f"/{phase.name}"
+            logs.update(values)
+            logs[f"loss{suffix}"] = total.detach()
+            logs[f"grad_norm{suffix}"] = norm.detach()
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return logs
+
+    def check_finite(self, values: dict, total: torch.Tensor) -> None:
+        if torch.isfinite(total):
+            return
+        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in values.items())
+        raise self.diverged(f"the loss is not finite ({parts})")
+
+    def diverged(self, what: str) -> TrainingDiverged:
+        from zoo.training.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(self.run_dir) if self.run_dir else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return TrainingDiverged(f"training stopped at step {self.step + 1}: {what}; {kept}. "
+                                f"Try a lower optim.lr, optim.grad_clip or train.precision=fp32.")
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": FORMAT, "config": to_dict(self.cfg), "step": self.step,
+                "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "rng": all_gather_objects(rng, self.proc)}
+
+    def load_state(self, state: dict) -> None:
+        load_model_weights(self.model, state["model"], state.get("path", "?"))
+        load_model_weights(self.ema.module, state["ema"], state.get("path", "?"))
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        self.step = state["step"]
+        rngs = state.get("rng") or []
+        if len(rngs) == self.proc.world_size:  # exact resume needs the same number of processes
+            torch.set_rng_state(rngs[self.proc.rank]["cpu"])
+            if "cuda" in rngs[self.proc.rank] and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rngs[self.proc.rank]["cuda"], self.device)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        state = self.state()  # every process joins the RNG gather
+        path = None
+        if self.proc.is_main and self.run_dir is not None:
+            path = checkpoint_path(self.run_dir, self.step)
+            atomic_save(state, path)
+        barrier(self.proc)
+        return path
+
+    # ------------------------------------------------------------------ outputs
+    def sample_grid(self) -> Optional[Path]:
+        s = self.cfg.sample
+        if not self.proc.is_main or self.run_dir is None or s.num <= 0:
+            return None
+        model = self.ema.module if s.use_ema else self.model
+        labels = class_grid_labels(s.num, self.method.data.num_classes)
+        was_training = model.training
+        model.eval()
+        images = generate_from_config(self.method, model, labels, s, device=self.device)
+        model.train(was_training)
+        per_row = max(1, s.num // self.method.data.num_classes)
+        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
+
+    def log(self, record: dict) -> None:
+        if self.proc.is_main and self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def prepare_run_dir(self) -> None:
+        if self.proc.is_main and self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self.trim_metrics()
+
+    def trim_metrics(self) -> None:
+        """Drop logged lines past the step training starts from: a run stopped after its last checkpoint
+        logged steps that the resumed run logs again, and the loss curves would show both."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _logged_step(line) <= self.step]  # a half-written last line goes too
+        if len(kept) != len(lines):
+            path.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train to cfg.train.steps, logging, checkpointing and sampling on the way. Returns the last logs."""
+        from tqdm import tqdm
+
+        run = self.cfg.train
+        self.prepare_run_dir()
+        self.model.train()
+        # the progress bar is display only: nothing reads it (hence no mutation testing of its arguments)
+        bar = tqdm(total=run.steps, initial=self.step, desc=self.cfg.method, unit="step",  # pragma: no mutate
+                   dynamic_ncols=True, disable=not (self.progress and self.proc.is_main), mininterval=1.0)  # pragma: no mutate
+        batches = self.loader.iterate(self.step)
+        window, start, last = {}, time.perf_counter(), {}
+        window_start, window_steps = start, 0
+        while self.step < run.steps:
+            logs = self.train_step(next(batches))
+            window_steps += 1
+            for k, v in logs.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            bar.update(1)  # pragma: no mutate
+            bar.set_postfix(loss=f"{float(logs.get('loss', next(iter(logs.values())))):.4f}", refresh=False)  # pragma: no mutate
+            if self.step % run.log_every == 0 or self.step == run.steps:
+                now = time.perf_counter()
+                last = {"step": self.step, **{k: v / window_steps for k, v in window.items()},
+                        "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
+                        "steps_per_sec": window_steps / (now - window_start), "elapsed": now - start}
+                self.log(last)
+                window, window_start, window_steps = {}, now, 0
+            if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < run.steps:
+                self.save_checkpoint()
+            if run.sample_every and self.step % run.sample_every == 0 and self.step < run.steps:
+                self.sample_grid()
+        bar.close()
+        self.save_checkpoint()
+        self.sample_grid()
+        if self.proc.is_main and self.run_dir is not None:
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png")
+        return last
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
