@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 MICRO = ["preset=micro", "train.device=cpu"]
 
@@ -88,3 +90,28 @@ def test_bench_side_by_side_reports_each_run_and_its_ratio_to_the_first():
     assert [r["run"] for r in rows] == ["sit", "repa repa.feature_cache=never"]
     assert rows[0]["ratio"] == 1.0 and rows[1]["ratio"] > 0 and len(rows[1]["ms_per_step_rounds"]) == 2
     assert rows[1]["parameters"] > rows[0]["parameters"]  # the projector
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["prepare", "--help"], ["train", "--help"]])
+def test_help_and_list_start_without_importing_torch(argv):
+    """`zoo --help` and `zoo list` read no method module (importing torch is seconds of a cold start)."""
+    code = ("import sys\nfrom zoo.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')" % argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.strip().endswith("NO TORCH"), out[-500:]
+
+
+def test_list_reads_the_same_methods_and_descriptions_as_the_registry():
+    from zoo.training.registry import available_methods, method_summaries
+
+    assert method_summaries() == {name: cls.description for name, cls in available_methods().items()}
+
+
+def test_every_command_is_built_the_same_way():
+    """One way to add a command: each is a module of zoo/cli/commands, `sample` included."""
+    from zoo.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"list", "config", "train", "sample", "bench", "prepare", "eval", "compare", "new-method"} <= set(commands)
+    assert "--share" in commands["sample"].format_help() and "--rg" in commands["eval"].format_help()

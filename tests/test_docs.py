@@ -1,6 +1,7 @@
 """The docs site builds with `mkdocs build --strict` (a broken link, anchor or page fails), and every method
 has its page in the site's navigation and a row in the method index."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,4 +41,28 @@ def test_site_builds_strict(tmp_path):
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     page = (tmp_path / "site" / "methods" / "repa" / "index.html").read_text()
-    assert 'class="arithmatex"' in page, "math is not marked for rendering"
+    # the equations are rendered when the site is built (MathML, no script, no network), none left as TeX
+    assert page.count("<math ") >= 10, "the REPA page's equations are not rendered"
+    assert "\\(" not in page and 'class="arithmatex"' not in page, "an equation is left as raw TeX"
+    assert "mathjax" not in page.lower() and "cdn.jsdelivr" not in page, "the page still loads a math script"
+    _check_in_a_browser(tmp_path / "site" / "methods" / "repa" / "index.html", page.count("<math "))
+
+
+def _browser():
+    return next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(name)), None)
+
+
+def _check_in_a_browser(page: Path, equations: int) -> None:
+    """The page as a real headless browser sees it, offline: every equation a MathML element with a size."""
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no headless browser installed (chromium): the MathML was checked in the HTML only")
+    probe = page.parent / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", """<script>
+document.title = [...document.querySelectorAll('math')].filter(m => m.getBoundingClientRect().width > 0).length;
+</script></body>"""))
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", probe.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    title = result.stdout.split("<title>")[1].split("</title>")[0] if "<title>" in result.stdout else ""
+    assert title == str(equations), f"the browser laid out {title or 'no'} of {equations} equations"

@@ -24,6 +24,9 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else CONFIG_DIR.parent
     for path in write_method(args.name, root):
         print(f"wrote {path}")
+    print(f"add to the nav of mkdocs.yml (under Methods):    - {args.name}: methods/{args.name}.md")
+    print(f"add a row to the method index, docs/index.md:   | [{args.name}](methods/{args.name}.md) | paper | code | "
+          "hooks | headline | measured |")
     print(f"next: fill the TODOs, then `pytest tests/methods/test_{args.name}.py tests/test_contract.py -k {args.name}` "
           f"and `zoo train --method {args.name}`")
     return 0
