@@ -93,10 +93,10 @@ class Trainer:
 
     def build_optimizers(self) -> tuple[dict, dict]:
         """One AdamW per phase, and each phase's peak learning rate (its own, or optim.lr)."""
-        o = self.cfg.optim
-        optimizers = {p.name: torch.optim.AdamW(p.parameters, lr=p.lr or o.lr, betas=(o.beta1, o.beta2),
-                                                weight_decay=o.weight_decay) for p in self.phases}
-        return optimizers, {p.name: p.lr or o.lr for p in self.phases}
+        optim = self.cfg.optim
+        optimizers = {p.name: torch.optim.AdamW(p.parameters, lr=p.lr or optim.lr, betas=(optim.beta1, optim.beta2),
+                                                weight_decay=optim.weight_decay) for p in self.phases}
+        return optimizers, {p.name: p.lr or optim.lr for p in self.phases}
 
     def wrap_for_processes(self):
         """What a phase's losses run through: the model (its backbone compiled with train.compile, after the EMA
@@ -194,16 +194,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ outputs
     def sample_grid(self) -> Optional[Path]:
-        s = self.cfg.sample
-        if not self.proc.is_main or self.run_dir is None or s.num <= 0:
+        sampling = self.cfg.sample
+        if not self.proc.is_main or self.run_dir is None or sampling.num <= 0:
             return None
-        model = self.ema.module if s.use_ema else self.model
-        labels = class_grid_labels(s.num, self.method.data.num_classes)
+        model = self.ema.module if sampling.use_ema else self.model
+        labels = class_grid_labels(sampling.num, self.method.data.num_classes)
         was_training = model.training
         model.eval()
-        images = generate_from_config(self.method, model, labels, s, device=self.device)
+        images = generate_from_config(self.method, model, labels, sampling, device=self.device)
         model.train(was_training)
-        per_row = max(1, s.num // self.method.data.num_classes)
+        per_row = max(1, sampling.num // self.method.data.num_classes)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
 
     def log(self, record: dict) -> None:
