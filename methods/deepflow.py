@@ -93,8 +93,7 @@ class DeepFlow(Method):
         if not 0 <= o.time_gap <= 1:
             raise ConfigError(f"deepflow.time_gap={o.time_gap} must lie in [0, 1]")
         check_options(o, self.name)
-        grid = self.state_shape()[-1] // cfg.model.patch
-        self.teacher = Teacher(o, cfg, grid=grid, owner=self.name) if o.repa else None  # REPA's, with repa=true
+        self.teacher = Teacher(o, cfg, grid=self.token_grid(), owner=self.name) if o.repa else None  # with repa=true
 
     def build_backbone(self) -> nn.Module:
         c, size, _ = self.state_shape()
@@ -111,10 +110,8 @@ class DeepFlow(Method):
 
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)
-        if self.teacher is not None and training:
-            self.teacher.setup(self.device)
-        elif self.teacher is not None:
-            self.teacher.release()  # sampling never needs the teacher
+        if self.teacher is not None:
+            self.teacher.setup(self.device, training)
 
     def targets(self, batch: dict) -> dict:
         return {"tokens": self.teacher.tokens(batch)} if self.teacher is not None else {}

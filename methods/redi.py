@@ -84,7 +84,7 @@ class ReDi(Method):
             raise ConfigError(f"redi.pca_images={o.pca_images}: the PCA needs at least 2 images")
         if len(o.rg_interval) != 2:
             raise ConfigError(f"redi.rg_interval={list(o.rg_interval)} must be [low, high]")
-        self.teacher = Teacher(o, cfg, grid=self.state_shape()[-1] // cfg.model.patch, owner=self.name)
+        self.teacher = Teacher(o, cfg, grid=self.token_grid(), owner=self.name)
         self.pca: Optional[FeaturePCA] = None
 
     # ---------------------------------------------------------------- building
@@ -101,12 +101,8 @@ class ReDi(Method):
 
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)
-        if training:                             # the teacher, its token cache and the PCA of its tokens
-            self.teacher.setup(self.device)
-            self.pca = self.fit_feature_pca(device)[0]
-        else:
-            self.teacher.release()
-            self.pca = None
+        self.teacher.setup(self.device, training)      # the teacher and its token cache, then the PCA of its tokens
+        self.pca = self.fit_feature_pca(device)[0] if training else None
 
     def fit_feature_pca(self, device=None, refit: bool = False) -> tuple:
         """(the PCA of the teacher's standardised tokens on the training set, r): from `redi.pca`, or the cache,

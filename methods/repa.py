@@ -36,20 +36,13 @@ class REPA(Method):
         super().__init__(cfg, data_info)
         self.teacher = Teacher(self.options, cfg, grid=self.token_grid(), owner=self.name)
 
-    def token_grid(self) -> int:
-        """Side of the backbone's token grid, which the teacher's tokens are matched to."""
-        return self.state_shape()[-1] // self.cfg.model.patch
-
     def build_extras(self, backbone) -> dict:
         backbone.check_layers(self.hidden_layers())
         return {"projectors": projectors(backbone.hidden_size, self.options.projector_dim, self.teacher.dims())}
 
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)
-        if training:
-            self.teacher.setup(self.device)
-        else:
-            self.teacher.release()  # sampling never needs the teacher
+        self.teacher.setup(self.device, training)
 
     def hidden_layers(self) -> tuple:
         return (self.options.encoder_depth,)

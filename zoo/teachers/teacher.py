@@ -1,10 +1,11 @@
 """The frozen teacher an aligning method holds: its encoders and their token cache, as one component.
 
     teacher = Teacher(self.options, cfg, grid=16, owner="repa")   # options: TeacherOptions fields
-    teacher.setup(device)                                         # when training (sampling needs no teacher)
+    teacher.setup(device, training)                               # sampling needs no teacher: it holds none
     tokens = teacher.tokens(batch)                                # [y*_e for each encoder e], [B, grid^2, D_e]
 
-A method that aligns builds one in `__init__`, calls `setup` from its own `setup` and `tokens` from its
+A method that aligns builds one in `__init__` (on `Method.token_grid()`), calls `setup` from its own `setup` and
+`tokens` from its
 `targets`; a method that does not align holds none.
 """
 from __future__ import annotations
@@ -51,25 +52,24 @@ class Teacher:
         """Each encoder's token width D_e (known without loading its weights): what the projectors map to."""
         return encoder_dims(self.options.encoder, self.cfg)
 
-    def setup(self, device) -> None:
-        """Load the encoders onto `device` and, where the data allows, their token cache (built on first use)."""
+    def setup(self, device, training: bool = True) -> None:
+        """Load the encoders onto `device` and, where the data allows, their token cache (built on first use);
+        `training=False` (only sampling) holds none."""
+        self.encoders, self.caches = [], []
+        if not training:
+            return
         if self.cfg.data.dataset == "latents":
             raise ConfigError(f"{self.owner}'s teacher needs the images, and prepared latents hold none: train on the "
                               "image folder with data.vae=<VAE> instead")
         self.device = torch.device(device)
         self.encoders = build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid,
                                        cfg=self.cfg, device=self.device)
-        self.caches = []
         mode = self.options.feature_cache
         if mode == "never":
             return
         dataset = build_dataset(self.cfg.data)
         if mode == "always" or cacheable(dataset):
             self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
-
-    def release(self) -> None:
-        """Forget the encoders and caches (a method set up for sampling holds none)."""
-        self.encoders, self.caches = [], []
 
     def tokens(self, batch: dict) -> list:
         """y*: each encoder's patch tokens of the clean (possibly flipped) images, cached or computed now."""

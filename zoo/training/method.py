@@ -177,6 +177,10 @@ class Method:
 
             self.vae = load_vae(self.cfg).to(self.device).eval().requires_grad_(False)
 
+    def token_grid(self) -> int:
+        """Side of the backbone's token grid (the state's side / model.patch): what a teacher's tokens are matched to."""
+        return self.state_shape()[-1] // self.cfg.model.patch
+
     def state_shape(self) -> tuple:
         """Shape (C, H, W) of one diffusion state; a VAE or extra feature channels change it."""
         if self.cfg.data.vae:
