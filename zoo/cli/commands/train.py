@@ -16,17 +16,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parameter_summary(cfg) -> str:
+def parameter_summary(model) -> str:
+    from zoo.backbones.sit import count_parameters
+
+    total, backbone = count_parameters(model), count_parameters(model.backbone)
+    return f"parameters: {total / 1e6:.2f}M ({backbone / 1e6:.2f}M backbone, {(total - backbone) / 1e6:.2f}M extras)"
+
+
+def model_on_meta(cfg):
+    """The method's model with no memory behind it: enough to count its parameters without building it."""
     import torch
 
-    from zoo.backbones.sit import count_parameters
     from zoo.training.generate import build_method
 
     method = build_method(cfg)
     with torch.device("meta"):
-        model = method.build_model()
-    total, backbone = count_parameters(model), count_parameters(model.backbone)
-    return f"parameters: {total / 1e6:.2f}M ({backbone / 1e6:.2f}M backbone, {(total - backbone) / 1e6:.2f}M extras)"
+        return method.build_model()
 
 
 def run(args) -> int:
@@ -46,12 +51,12 @@ def run(args) -> int:
         run_dir = new_run_dir(cfg)
     if args.dry_run:
         print(to_yaml(cfg), end="")
-        print(f"# method: {cfg.method}; {parameter_summary(cfg)}")
+        print(f"# method: {cfg.method}; {parameter_summary(model_on_meta(cfg))}")
         print(f"# would write to: {run_dir}" + (f" (resuming at step {resume['step']})" if resume else ""))
         return 0
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
     if trainer.proc.is_main:
-        print(f"{cfg.method} ({cfg.preset}): {parameter_summary(cfg)}; run folder {run_dir}", file=sys.stderr)
+        print(f"{cfg.method} ({cfg.preset}): {parameter_summary(trainer.model)}; run folder {run_dir}", file=sys.stderr)
     last = trainer.fit()
     if trainer.proc.is_main:
         loss = f"; final loss {last['loss']:.4f}" if "loss" in last else ""
