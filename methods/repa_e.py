@@ -148,16 +148,18 @@ class REPAE(REPA):
         mean, std = ex["vae"].posterior(batch["image"])
         z = mean + std * torch.randn_like(std)
         recon = ex["vae"].decode_latent(z)
-        align, t, eps = self.latent_alignment(model, z, batch)
-        # what updates 2 and 3 of this step read (the step's phases share ctx): update 3 reuses t and eps
-        ctx.carry["vae"] = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps}
+        align, t, eps, targets = self.latent_alignment(model, z, batch)
+        # what updates 2 and 3 of this step read (the step's phases share ctx): update 3 reuses t, eps and the
+        # teacher's tokens of the same images (computed once per step)
+        ctx.carry["vae"] = {"z": z.detach(), "recon": recon.detach(), "t": t, "eps": eps, "targets": targets}
         terms = self.reconstruction_terms(model, batch["image"], recon, mean, std)
         terms["repa_vae"] = Term(align, self.options.vae_proj_coeff)
         return terms
 
     def latent_alignment(self, model, z, batch: dict) -> tuple:
-        """(L_REPA of the non-detached latent z through the frozen SiT, its t, its noise): BN with its running
-        statistics, SiT and projectors in eval mode and without parameter gradients; no label dropout."""
+        """(L_REPA of the non-detached latent z through the frozen SiT, its t, its noise, the teacher's targets): BN
+        with its running statistics, SiT and projectors in eval mode and without parameter gradients; no label
+        dropout."""
         ex = model.extras
         bn = ex["bn"]
         state = F.batch_norm(z, bn.running_mean, bn.running_var, training=False, eps=bn.eps)  # statistics fixed
@@ -168,7 +170,7 @@ class REPAE(REPA):
             x_t = self.path.interpolate(state, eps, t)
             k = self.options.encoder_depth
             hidden = model.backbone(x_t, t, batch["label"], hidden_layers=(k,), stop_after=k).hidden[k]
-            return repa_loss(hidden, ex["projectors"], targets["tokens"]), t, eps
+            return repa_loss(hidden, ex["projectors"], targets["tokens"]), t, eps, targets
 
     def reconstruction_terms(self, model, images, recon, mean, std) -> dict:
         """L1 (a pixel mean), KL (summed over the latent, averaged over the batch), the generator's GAN term through
@@ -194,11 +196,13 @@ class REPAE(REPA):
         """Method.losses on BN(z.detach()) of the VAE update's latent, noised with that update's t and noise (the
         official code draws them once per step)."""
         vae = ctx.carry["vae"]
-        return self.losses(model, self.noised(model, {**batch, "latent": vae["z"]}, t=vae["t"], eps=vae["eps"]), ctx)
+        carried = {**batch, "latent": vae["z"], "targets": vae["targets"]}
+        return self.losses(model, self.noised(model, carried, t=vae["t"], eps=vae["eps"]), ctx)
 
-    def encode(self, model, batch: dict):
-        """BN of the VAE update's latent, detached: the diffusion loss never reaches the VAE."""
-        return model.extras["bn"](batch["latent"])
+    def clean(self, model, batch: dict) -> tuple:
+        """BN of the VAE update's latent, detached (the diffusion loss never reaches the VAE), and the teacher's
+        tokens that update computed."""
+        return model.extras["bn"](batch["latent"]), batch["targets"]
 
     # ---------------------------------------------------------------- sampling
     def decode(self, model, state):

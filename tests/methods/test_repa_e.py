@@ -224,3 +224,15 @@ def test_the_reconstruction_weights_come_from_the_config(micro_cfg):
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     terms = method.reconstruction_terms(model, images, images * 0.5, torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8))
     assert {k: t.weight for k, t in terms.items()} == {"l1": 0.5, "kl": 2e-6, "gan": 0.2, "lpips": 0.3}
+
+
+def test_the_teacher_runs_once_per_step_for_both_repa_terms(micro_cfg):
+    """The VAE update's tokens are the SiT update's too (the same images): one teacher pass per step."""
+    from zoo.training.trainer import Trainer
+
+    trainer = Trainer(micro_cfg("repa_e", "repa_e.feature_cache=never"), run_dir=None, progress=False)
+    teacher, calls = trainer.method.teacher, []
+    real = teacher.tokens
+    teacher.tokens = lambda batch: calls.append(len(batch["label"])) or real(batch)
+    logs = trainer.train_step(next(trainer.loader.iterate(0)))
+    assert len(calls) == 1 and {"repa_vae", "repa"} <= set(logs)

@@ -141,7 +141,8 @@ def test_the_vae_updates_repa_term_and_the_sit_update_equal_the_official_step(re
     assert_close(x.grad, out["vae_pass_grad_x_of_1p5_proj"], tol=1e-6, what="its gradient to the latent")
     model.zero_grad(set_to_none=True)
     # the SiT update: BN in training mode on the detached latent, the same t and noise, label dropout
-    ctx = TrainContext(0, None, carry={"vae": {"z": inputs["x"], "t": t, "eps": noise}})
+    ctx = TrainContext(0, None, carry={"vae": {"z": inputs["x"], "t": t, "eps": noise,
+                                               "targets": {"tokens": [inputs["zs0"]]}}})
     monkeypatch.undo()
     monkeypatch.setattr(method, "targets", lambda batch: {"tokens": [inputs["zs0"]]})
     labels = torch.where(inputs["label_drop_rand"] < 0.1, torch.full_like(inputs["y"], 10), inputs["y"])
