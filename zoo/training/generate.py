@@ -9,7 +9,7 @@ from zoo.training.checkpoint import load_checkpoint, load_model_weights
 from zoo.config import config_from_dict
 from zoo.data import data_info
 from zoo.flow.guidance import Guidance
-from zoo.training.method import Method, ZooModel
+from zoo.training.method import DataInfo, Method, ZooModel
 from zoo.training.registry import get_method_class
 from zoo.flow.samplers import build_sampler
 
@@ -22,7 +22,8 @@ def load_for_sampling(ckpt, device="cpu", use_ema: bool = True):
     """(method, model, cfg, checkpoint) rebuilt from a checkpoint alone; the model in eval mode on `device`."""
     state = load_checkpoint(ckpt)
     cfg = config_from_dict(state["config"])
-    method = build_method(cfg)
+    # the checkpoint's own shape and classes where it records them (an imported model's data need not be here)
+    method = get_method_class(cfg.method)(cfg, DataInfo(**state["data"])) if "data" in state else build_method(cfg)
     method.setup(device, training=False)
     method.checkpoint, method.checkpoint_weights = Path(state["path"]), "ema" if use_ema else "model"
     model = method.build_model()

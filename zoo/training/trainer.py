@@ -7,6 +7,7 @@ sum, clip, step; then update the EMA. Methods change what the losses are, never 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -169,13 +170,14 @@ class Trainer:
         return {"format": FORMAT, "config": to_dict(self.cfg), "step": self.step,
                 "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": all_gather_objects(rng, self.proc)}
+                "rng": all_gather_objects(rng, self.proc), "data": dataclasses.asdict(self.method.data)}
 
     def load_state(self, state: dict) -> None:
         load_model_weights(self.model, state["model"], state.get("path", "?"))
         load_model_weights(self.ema.module, state["ema"], state.get("path", "?"))
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            if name in state["optimizers"]:  # an imported checkpoint has none: fine-tuning starts them fresh
+                opt.load_state_dict(state["optimizers"][name])
         self.step = state["step"]
         rngs = state.get("rng") or []
         if len(rngs) == self.proc.world_size:  # exact resume needs the same number of processes

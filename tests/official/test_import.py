@@ -1,0 +1,105 @@
+"""`zoo import`: an official REPA checkpoint file (the golden fixture's weights, written in the official training
+layout) becomes a run folder whose samples equal the official sampler's on the same weights and noise; bad files
+and mismatched recipes are one clear line and exit code 2."""
+import argparse
+
+import pytest
+import torch
+
+import zoo.flow.samplers
+from golden import assert_close, fixture, sit_overrides
+from zoo.cli import main
+from zoo.flow.guidance import Guidance
+from zoo.flow.samplers import build_sampler
+from zoo.training.checkpoint import load_checkpoint
+from zoo.training.generate import load_for_sampling
+
+GOLDEN = fixture("repa_samplers")
+CFG = GOLDEN["config"]
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    """A small diffusers VAE with the fixture's 4 latent channels, 16 px images -> 8x8 latents."""
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(folder)
+    return folder
+
+
+def recipe(vae_folder, tmp_path, source, method="repa"):
+    """`--preset`, the file, then the zoo's REPA config of the official run that wrote it (on data that is not
+    on this machine)."""
+    return ["--preset", "micro", str(source), *sit_overrides(CFG), "model.time_scale=1", f"{method}.encoder_depth={CFG['encoder_depth']}",
+            f"{method}.projector_dim={CFG['projector_dim']}", f"teacher.width={CFG['z_dims'][0]}", "train.device=cpu",
+            "data.dataset=folder", f"data.root={tmp_path / 'imagenet-not-here'}", "data.image_size=16",
+            f"data.vae={vae_folder}"]
+
+
+def official_file(tmp_path, ema, raw=None):
+    """A checkpoint as REPA's train.py saves it: DDP-prefixed raw weights, the EMA, optimizer state, its args."""
+    raw = ema if raw is None else raw
+    path = tmp_path / "last.pt"
+    torch.save({"model": {f"module.{k}": v for k, v in raw.items()}, "ema": dict(ema), "opt": {"state": {}},
+                "args": argparse.Namespace(model="SiT-XL/2", proj_coeff=0.5), "steps": 400000}, path)
+    return path
+
+
+def perturbed(state):
+    return {k: v if k == "pos_embed" else v + 0.01 for k, v in state.items()}  # the fixed table stays
+
+
+def test_an_imported_official_checkpoint_samples_as_the_official_sampler(vae_folder, tmp_path, monkeypatch, capsys):
+    source = official_file(tmp_path, GOLDEN["state_dict"], raw=perturbed(GOLDEN["state_dict"]))
+    run = tmp_path / "run"
+    assert main(["import", "--from", "repa", "--out", str(run), *recipe(vae_folder, tmp_path, source)]) == 0
+    err = capsys.readouterr().err
+    assert "model <- model, ema <- ema" in err and "not weights, not imported: args, opt, steps" in err
+    state = load_checkpoint(run)
+    assert state["step"] == 0 and state["data"] == {"channels": 3, "image_size": 16, "num_classes": 1000}
+    method, model, _, _ = load_for_sampling(run, use_ema=True)   # builds the model without the data folder
+    for name in ("euler_cfg1.8_low0.3_high0.7", "sde_cfg1.8_low0.0_high0.8"):
+        spec = CFG["runs"][name]
+        noises = iter(GOLDEN["inputs"]["sde_noises"])
+        monkeypatch.setattr(zoo.flow.samplers, "_randn_like", lambda x, generator: next(noises))
+        sampler = build_sampler("sde" if "sde" in name else "ode", GOLDEN["inputs"]["num_steps"])
+        guidance = Guidance(spec["cfg_scale"], spec.get("guidance_low", 0.0), spec.get("guidance_high", 1.0))
+        field = method.velocity_field(model, GOLDEN["inputs"]["y"], guidance, sampler=sampler)
+        with torch.no_grad():
+            out = sampler.sample(field, GOLDEN["inputs"]["latents"], method.path)
+        assert_close(out.double(), GOLDEN["outputs"]["samples"][name], what=name)
+    # the raw weights became the zoo's `model`, not its EMA
+    raw = load_for_sampling(run, use_ema=False)[1]
+    assert torch.allclose(raw.backbone.x_embedder.proj.weight, model.backbone.x_embedder.proj.weight + 0.01)
+
+
+def test_the_imported_run_samples_and_fine_tunes_from_the_command_line(vae_folder, tmp_path):
+    run = tmp_path / "run"
+    bare = tmp_path / "ema.pt"
+    torch.save(dict(GOLDEN["state_dict"]), bare)   # the released SiT and DDT files: a bare EMA state dict
+    assert main(["import", "--from", "repa", "--out", str(run), *recipe(vae_folder, tmp_path, bare)]) == 0
+    assert main(["sample", "--ckpt", str(run), "--num", "2", "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert main(["import", "--from", "repa", "--out", str(run), *recipe(vae_folder, tmp_path, bare)]) == 2
+
+
+def test_bad_files_and_mismatched_recipes_are_one_clear_line(vae_folder, tmp_path, capsys):
+    good = official_file(tmp_path, GOLDEN["state_dict"])
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    cases = {
+        str(truncated): ("repa", [], "corrupt or truncated"),
+        str(tmp_path / "missing.pt"): ("repa", [], "does not exist"),
+        str(good) + "#wrong-method": ("ddt", ["ddt.decoder_depth=1"], "does not fit the ddt recipe"),
+        str(good) + "#wrong-width": ("repa", ["model.hidden=32"], "x_embedder.proj.weight is [16, 4, 2, 2] in the "
+                                                                    "checkpoint but [32, 4, 2, 2]"),
+    }
+    for n, (path, (method, extra, message)) in enumerate(cases.items()):
+        argv = ["import", "--from", method, "--out", str(tmp_path / f"run{n}"),
+                *recipe(vae_folder, tmp_path, path.split("#")[0], method), *extra]
+        assert main(argv) == 2, path
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (path, err)
