@@ -103,3 +103,45 @@ def test_bad_files_and_mismatched_recipes_are_one_clear_line(vae_folder, tmp_pat
         assert main(argv) == 2, path
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (path, err)
+
+
+def formats():
+    """(method, the official state dict, the golden tests' recipe, the teacher's token widths) of every official
+    format the golden fixtures hold."""
+    import test_golden_ddt as ddt
+    import test_golden_deepflow as deepflow
+    import test_golden_redi as redi
+    import test_golden_sit as sit
+    import test_golden_sra_layersync as sra
+
+    return {
+        "sit": (sit.GOLDEN["state_dict"], sit.SIT, [32]),   # learn_sigma, t = 1 as data
+        "ddt": ({**ddt.FORWARD["state_dict"], **fixture("ddt_repa_loss")["state_dict"]}, ddt.DDT, [32]),
+        "deepflow": (deepflow.FORWARD["state_dict"], deepflow.OPTIONS, deepflow.CFG["z_dims"]),
+        "sra": (sra.SRA["state_dict"], sra.SRA_OPTS, [32]),
+        "layersync": (sra.LAYERSYNC["state_dict"], sra.LS_OPTS, [32]),
+        "redi": (redi.LOSS["state_dict"], redi.REDI, [32]),
+    }
+
+
+@pytest.mark.parametrize("method", ["sit", "ddt", "deepflow", "sra", "layersync", "redi"])
+def test_every_official_format_imports_to_the_model_its_golden_test_loads(method, vae_folder, tmp_path, monkeypatch):
+    """The imported EMA is, tensor for tensor, the golden test's model on the same official weights."""
+    import zoo.teachers.teacher
+    from golden import loaded
+    from zoo.config import load_config
+    from zoo.training.method import DataInfo
+    from zoo.training.official_import import import_official
+    from zoo.training.registry import get_method_class
+
+    state, overrides, dims = formats()[method]
+    monkeypatch.setattr(zoo.teachers.teacher, "encoder_dims", lambda names, cfg: dims)
+    source = official_file(tmp_path, state)
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'absent'}", "data.image_size=16", f"data.vae={vae_folder}"]
+    cfg = load_config(method, ["preset=micro", "train.device=cpu", *overrides, *data])
+    result = import_official(cfg, source, tmp_path / "run")
+    imported = load_checkpoint(tmp_path / "run")
+    golden = loaded(get_method_class(method)(cfg, DataInfo(3, 16, 10)), state).state_dict()
+    assert imported["data"]["num_classes"] == 10 and result.mapped == len(golden)
+    assert set(imported["ema"]) == set(golden)
+    assert all(torch.equal(imported["ema"][k], golden[k]) for k in golden)
