@@ -146,3 +146,28 @@ def test_lpips_from_local_files_is_zero_on_equal_images_and_grows_with_noise(tmp
     assert d0.shape == (2,) and torch.allclose(d0, torch.zeros(2)) and (d1 > 0).all() and (d2 > d1).all()
     vgg = torch.load(tmp_path / "vgg16-397923af.pth")
     assert torch.equal(lpips.slices[2][1].weight, vgg["features.10.weight"])  # slice 2: pool 9, conv 10, ...
+
+
+def test_a_vae_folder_with_per_channel_latent_statistics_decodes_as_diffusers_does(tmp_path, micro_cfg):
+    """REPA-E's released end-to-end VAE keeps its latent normalisation as latents_mean / latents_std: any method's
+    data.vae reads it, and the state decodes exactly as diffusers decodes the de-normalised latent."""
+    from diffusers import AutoencoderKL
+
+    from zoo.training.generate import build_method
+
+    mean, std = [0.5, -0.25, 0.1, 0.0], [2.0, 0.5, 1.5, 1.0]
+    net = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, latents_mean=mean, latents_std=std,
+                        scaling_factor=1.0)
+    net.save_pretrained(tmp_path / "vae")
+    method = build_method(micro_cfg("sit", f"data.vae={tmp_path / 'vae'}", "data.image_size=16"))
+    method.setup("cpu", training=False)
+    assert method.state_shape() == (4, 8, 8)
+    state = torch.randn(2, 4, 8, 8)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        expected = net.eval().decode(state * s + m).sample
+        assert torch.allclose(method.decode(None, state), expected, atol=1e-5)
+        z = torch.randn(2, 4, 8, 8)
+        assert torch.allclose(method.vae.to_state(z), (z - m) / s, atol=1e-6)
