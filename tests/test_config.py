@@ -1,5 +1,6 @@
 """Typed configs: presets, overrides, and one-line errors that list the valid keys."""
 import pytest
+import torch
 
 from zoo.config import config_from_dict, load_config, to_dict, with_overrides
 from zoo.errors import ConfigError
@@ -53,3 +54,16 @@ def test_round_trip_through_a_plain_dict():
     again = config_from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
     assert with_overrides(again, ["train.steps=12"]).train.steps == 12
+
+
+def test_a_token_grid_beyond_max_tokens_is_refused_in_one_line_unless_lifted(micro_cfg):
+    """ImageNet 256 in pixel space at patch 2 is a 128x128 grid: almost always a forgotten data.vae."""
+    from zoo.training.generate import build_method
+
+    method = build_method(micro_cfg("repa", "model.patch=2", "data.image_size=256"))
+    with pytest.raises(ConfigError, match=r"128x128 = 16384 tokens .* exceed model.max_tokens=4096: for latent "
+                                          r"diffusion set data.vae"):
+        method.build_model()
+    with torch.device("meta"):
+        build_method(micro_cfg("repa", "model.patch=2", "data.image_size=256", "model.max_tokens=0")).build_model()
+        build_method(micro_cfg("repa", "model.patch=2", "data.image_size=128")).build_model()   # 64x64: allowed

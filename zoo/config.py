@@ -36,6 +36,7 @@ class ModelConfig:
     heads: int = 0
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1  # label dropout that trains the unconditional model for CFG
+    max_tokens: int = 4096      # refuse a larger token grid (pixel space at 256 px is 16,384); 0: no limit
     norm: str = "layernorm"     # the blocks' norms: layernorm | rmsnorm
     norm_affine: bool = False   # a learned scale in the blocks' norms (DDT's RMSNorm has one)
     final_norm: str = ""        # the final layer's norm: "" (= norm) | layernorm | rmsnorm

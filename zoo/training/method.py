@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.backbones.sit import BackboneOutput, build_sit
+from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance, guided
 from zoo.flow.interpolants import build_path
 from zoo.flow.samplers import Field, Sampler
@@ -161,6 +162,7 @@ class Method:
         return {}
 
     def build_model(self) -> ZooModel:
+        self.check_token_count()
         backbone = self.build_backbone()
         return ZooModel(backbone, self.build_extras(backbone))
 
@@ -180,6 +182,16 @@ class Method:
     def token_grid(self) -> int:
         """Side of the backbone's token grid (the state's side / model.patch): what a teacher's tokens are matched to."""
         return self.state_shape()[-1] // self.cfg.model.patch
+
+    def check_token_count(self) -> None:
+        """A grid beyond model.max_tokens is almost always a forgotten VAE (ImageNet 256 in pixel space at patch 2:
+        16,384 tokens); a teacher matched to it would see 4x its native input (DINOv2: 64x64 tokens, 896 px)."""
+        limit, grid = self.cfg.model.max_tokens, self.token_grid()
+        if limit and grid * grid > limit:
+            c, h, _ = self.state_shape()
+            raise ConfigError(f"{grid}x{grid} = {grid * grid} tokens (a {c}x{h}x{h} state at model.patch="
+                              f"{self.cfg.model.patch}) exceed model.max_tokens={limit}: for latent diffusion set "
+                              "data.vae, or raise the limit (model.max_tokens=0: none)")
 
     def state_shape(self) -> tuple:
         """Shape (C, H, W) of one diffusion state; a VAE or extra feature channels change it."""
