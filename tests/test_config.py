@@ -67,3 +67,49 @@ def test_a_token_grid_beyond_max_tokens_is_refused_in_one_line_unless_lifted(mic
     with torch.device("meta"):
         build_method(micro_cfg("repa", "model.patch=2", "data.image_size=256", "model.max_tokens=0")).build_model()
         build_method(micro_cfg("repa", "model.patch=2", "data.image_size=128")).build_model()   # 64x64: allowed
+
+
+def test_a_paper_recipe_is_its_base_preset_plus_its_own_settings():
+    """imagenet256-XL lays the ImageNet data and each method's official settings over XL (and XL's method section)."""
+    repa = load_config("repa", [], "imagenet256-XL")
+    assert (repa.model.size, repa.model.patch, repa.train.batch_size, repa.optim.lr) == ("XL", 2, 256, 1e-4)
+    assert (repa.data.dataset, repa.data.image_size, repa.data.num_classes) == ("folder", 256, 1000)
+    assert (repa.repa.encoder, repa.repa.encoder_depth, repa.repa.proj_coeff) == ("dinov2-vit-b", 8, 0.5)
+    assert (repa.sample.sampler, repa.sample.steps, repa.sample.cfg_scale, list(repa.sample.cfg_interval)) == \
+        ("sde", 250, 1.8, [0.0, 0.7])
+    ddt = load_config("ddt", [], "imagenet256-XL")   # its XL section (the released sampler) and its own encoder
+    assert (ddt.ddt.decoder_depth, ddt.sample.sampler, ddt.sample.last_step, ddt.ddt.encoder) == (6, "ode", 0.04,
+                                                                                                  "dinov2-vit-b")
+    assert load_config("deepflow", [], "imagenet256-XL").model.depth == 24
+    assert load_config("repa", ["sample.cfg_scale=1.0"], "imagenet256-XL").sample.cfg_scale == 1.0
+
+
+def test_every_method_with_official_code_has_an_imagenet_recipe_with_its_record():
+    from zoo.config import recipes
+
+    found = recipes()
+    for method in ("sit", "repa", "repa_e", "ddt", "redi", "deepflow", "sra", "layersync"):
+        record = found[method]["imagenet256-XL"]
+        assert {"paper", "train", "sample", "evaluate", "needs", "released", "command"} <= set(record), method
+        assert record["needs"] and record["released"].startswith("https://"), method
+
+
+def test_a_recipe_without_a_vae_is_refused_as_pixel_space(tmp_path):
+    from zoo.training.generate import build_method
+
+    for name in ("n01440764", "n01443537"):
+        (tmp_path / name).mkdir()
+    cfg = load_config("repa", ["train.device=cpu", f"data.root={tmp_path}"], "imagenet256-XL")
+    with pytest.raises(ConfigError, match=r"128x128 = 16384 tokens .*set data.vae"):
+        build_method(cfg).build_model()
+
+
+def test_an_unknown_preset_or_base_is_one_line(tmp_path, monkeypatch):
+    import zoo.config
+
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; valid: .*imagenet256-XL"):
+        load_config("sit", [], "nope")
+    (tmp_path / "child.yaml").write_text("base: missing\n")
+    monkeypatch.setattr(zoo.config, "PRESET_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"unknown preset 'missing' \(the base of 'child'\)"):
+        load_config("sit", [], "child")

@@ -94,3 +94,11 @@ def test_image_folder_errors(tmp_path):
     cfg = load_config("sit", ["data.dataset=folder", f"data.root={tmp_path / 'bad'}"]).data
     with pytest.raises(ConfigError, match="num_classes=1"):
         build_dataset(cfg)
+
+
+def test_an_image_folder_without_a_root_is_one_line():
+    from zoo.data.folder import list_classes
+    from zoo.errors import DataError
+
+    with pytest.raises(DataError, match="data.dataset=folder needs data.root"):
+        list_classes("")

@@ -2,8 +2,10 @@
 
 Resolution order (later wins):
   1. the schema's defaults below, plus the method's own dataclass under the key `<method name>`;
-  2. `configs/presets/<preset>.yaml` (model size, data and the training recipe);
-  3. `configs/<method>.yaml`, then its `presets.<preset>` section if it has one;
+  2. `configs/presets/<preset>.yaml` (model size, data and the training recipe); a preset that names a
+     `base` (a paper recipe such as imagenet256-XL on XL) is laid over the base's file;
+  3. `configs/<method>.yaml`, then its `presets.<preset>` sections, the base's first (a section's `recipe`
+     entry is the paper's record of that recipe, read by `zoo recipes`, not config);
   4. command-line overrides `key=value` (dotted keys, YAML values).
 Every step is checked against the schema, so an unknown key or a wrong type is a one-line error
 that lists the valid keys. The resolved config is written to the run folder and into every
@@ -239,20 +241,53 @@ def load_config(method: Optional[str], overrides: Optional[list[str]] = None, pr
     cli = parse_overrides(overrides or [])
     preset = cli.pop("preset", None) or preset or "tiny"
     cfg = OmegaConf.structured(schema_for(method_cls))
-    preset_file = PRESET_DIR / f"{preset}.yaml"
-    if not preset_file.exists():
-        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(available_presets())}")
-    cfg = _merge(cfg, _load_yaml(preset_file), str(preset_file))
+    layers = preset_layers(preset)
+    for name, data in layers:
+        cfg = _merge(cfg, data, str(PRESET_DIR / f"{name}.yaml"))
     own_file = method_config_file(method_cls) if method_cls is not None else None
     if own_file is not None and own_file.exists():
         own = _load_yaml(own_file)
         per_preset = own.pop("presets", {}) or {}
         cfg = _merge(cfg, own, str(own_file))
-        if preset in per_preset:
-            cfg = _merge(cfg, per_preset[preset], f"{own_file} (presets.{preset})")
+        for name, _ in layers:
+            section = dict(per_preset.get(name) or {})
+            section.pop("recipe", None)
+            cfg = _merge(cfg, section, f"{own_file} (presets.{name})")
     cfg = _merge(cfg, cli, "the command line")
     cfg.method, cfg.preset = method or "", preset
     return cfg
+
+
+def preset_layers(preset: str) -> list[tuple[str, dict]]:
+    """[(name, settings)] of a preset and the bases it names, the deepest base first."""
+    layers, name = [], preset
+    while name is not None:
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name!r}" + (f" (the base of {preset!r})" if name != preset else "")
+                              + f"; valid: {', '.join(available_presets())}")
+        if any(name == seen for seen, _ in layers):
+            raise ConfigError(f"preset {preset!r}: its bases form a loop at {name!r}")
+        data = _load_yaml(path)
+        base = data.pop("base", None)
+        layers.append((name, data))
+        name = base
+    return layers[::-1]
+
+
+def recipes() -> dict[str, dict[str, dict]]:
+    """{method: {preset: its `recipe` record}} of the paper recipes in the methods' config files."""
+    from zoo.training.registry import available_methods
+
+    found = {}
+    for name, cls in available_methods().items():
+        path = method_config_file(cls)
+        per_preset = (_load_yaml(path).get("presets") or {}) if path.exists() else {}
+        records = {preset: section["recipe"] for preset, section in per_preset.items()
+                   if isinstance(section, dict) and "recipe" in section}
+        if records:
+            found[name] = records
+    return found
 
 
 def config_from_dict(data: dict) -> DictConfig:

@@ -13,6 +13,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
 
 
 def list_classes(root: str | Path) -> list[str]:
+    if not str(root):
+        raise DataError("data.dataset=folder needs data.root: the image folder, one subfolder per class")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist (data.root); it should hold one subfolder per class")
