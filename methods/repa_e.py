@@ -129,12 +129,22 @@ class REPAE(REPA):
         return ("extras.vae.",)
 
     def from_official(self, official: dict) -> tuple[dict, list]:
-        """REPA-E's SiT: REPA's keys plus the latent BatchNorm `bn` (the VAE and discriminator are separate files)."""
-        from zoo.backbones.official import take
+        """REPA-E's SiT: REPA's keys plus the latent BatchNorm `bn`. The tuned VAE is released as a diffusers
+        folder of its own: with `repa_e.vae` set to such a folder its weights fill `extras.vae`; the discriminator,
+        which no released file holds in the zoo's layout, starts fresh (seeded) for fine-tuning."""
+        from zoo.backbones.official import prefixed, take
 
         state, unused = super().from_official(official)
         bn, unused = take({k: official[k] for k in unused}, "bn.", "extras.bn.")
-        return {**state, **bn}, unused
+        state = {**state, **bn}
+        if self.options.vae != "builtin":
+            vae = load_vae(self.cfg, self.options.vae, progress=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                disc = PatchDiscriminator(self.options.disc_channels, self.options.disc_layers)
+            state.update(prefixed(vae.state_dict(), "extras.vae."))
+            state.update(prefixed(disc.state_dict(), "extras.discriminator."))
+        return state, unused
 
     def phases(self, model) -> list:
         o, ex = self.options, model.extras

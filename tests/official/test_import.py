@@ -145,3 +145,66 @@ def test_every_official_format_imports_to_the_model_its_golden_test_loads(method
     assert imported["data"]["num_classes"] == 10 and result.mapped == len(golden)
     assert set(imported["ema"]) == set(golden)
     assert all(torch.equal(imported["ema"][k], golden[k]) for k in golden)
+
+
+def test_a_lightning_checkpoint_imports_its_ema_and_raw_denoisers_with_the_trainers_projector(vae_folder, tmp_path,
+                                                                                              monkeypatch):
+    """DDT's released layout: state_dict with denoiser.*, ema_denoiser.* and diffusion_trainer.proj.*."""
+    import zoo.teachers.teacher
+    from golden import loaded
+    from zoo.config import load_config
+    from zoo.training.method import DataInfo
+    from zoo.training.official_import import import_official
+    from zoo.training.registry import get_method_class
+
+    network, overrides, dims = formats()["ddt"]
+    projector = {k: v for k, v in network.items() if k.startswith("proj.")}
+    denoiser = {k: v for k, v in network.items() if not k.startswith("proj.")}
+    monkeypatch.setattr(zoo.teachers.teacher, "encoder_dims", lambda names, cfg: dims)
+    source = tmp_path / "ddt.ckpt"
+    torch.save({"state_dict": {**{f"denoiser.{k}": v for k, v in perturbed(denoiser).items()},
+                               **{f"ema_denoiser.{k}": v for k, v in denoiser.items()},
+                               **{f"diffusion_trainer.{k}": v for k, v in projector.items()}},
+                "optimizer_states": [{}], "epoch": 3}, source)
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'absent'}", "data.image_size=16", f"data.vae={vae_folder}"]
+    cfg = load_config("ddt", ["preset=micro", "train.device=cpu", *overrides, *data])
+    result = import_official(cfg, source, tmp_path / "run")
+    assert result.layout.startswith("a Lightning state_dict") and result.ignored == ["epoch", "optimizer_states"]
+    imported = load_checkpoint(tmp_path / "run")
+    golden = loaded(get_method_class("ddt")(cfg, DataInfo(3, 16, 10)), network).state_dict()
+    assert all(torch.equal(imported["ema"][k], golden[k]) for k in golden)
+    moved = [k for k in golden if not k.startswith("extras.projectors.") and golden[k].is_floating_point()]
+    assert moved and all(not torch.equal(imported["model"][k], golden[k]) for k in moved if "pos" not in k)
+
+
+def test_repa_e_imports_sit_and_bn_from_its_file_and_the_tuned_vae_from_its_diffusers_folder(vae_folder, tmp_path,
+                                                                                              monkeypatch):
+    """REPA-E's training checkpoint holds model, ema (SiT, projectors, BN), its own-layout VAE and discriminator and
+    three optimizers: the SiT side is imported, the VAE comes from repa_e.vae (a diffusers folder)."""
+    import test_golden_repa_e as golden_repa_e
+    import zoo.teachers.teacher
+    from zoo.config import load_config
+    from zoo.latents.vae import load_vae
+    from zoo.training.official_import import import_official
+
+    step = golden_repa_e.STEP
+    monkeypatch.setattr(zoo.teachers.teacher, "encoder_dims", lambda names, cfg: step["config"]["z_dims"])
+    source = tmp_path / "repae.pt"
+    torch.save({"model": dict(step["state_dict"]), "ema": dict(step["state_dict"]), "vae": {"encoder.conv_in.weight":
+                torch.zeros(1)}, "discriminator": {}, "opt": {}, "opt_vae": {}, "opt_disc": {},
+                "args": argparse.Namespace(), "steps": 400000}, source)
+    cfg = load_config("repa_e", ["preset=micro", "train.device=cpu", *sit_overrides(step["config"]), "model.time_scale=1",
+                                 f"repa_e.encoder_depth={step['config']['encoder_depth']}",
+                                 f"repa_e.projector_dim={step['config']['projector_dim']}", f"repa_e.vae={vae_folder}",
+                                 "data.image_size=16"])
+    result = import_official(cfg, source, tmp_path / "run")
+    assert result.ignored == ["args", "discriminator", "opt", "opt_disc", "opt_vae", "steps", "vae"]
+    ema = load_checkpoint(tmp_path / "run")["ema"]
+    assert torch.equal(ema["extras.bn.running_var"], step["state_dict"]["bn.running_var"].float())
+    assert torch.equal(ema["backbone.x_embedder.proj.weight"], step["state_dict"]["x_embedder.proj.weight"])
+    vae = load_vae(cfg, str(vae_folder)).state_dict()
+    assert all(torch.equal(ema[f"extras.vae.{k}"], v) for k, v in vae.items())
+    method, model, _, _ = load_for_sampling(tmp_path / "run")
+    with torch.no_grad():
+        images = method.decode(model, torch.zeros(1, 4, 8, 8))
+    assert images.shape == (1, 3, 16, 16)

@@ -26,6 +26,8 @@ from zoo.training.registry import get_method_class
 
 WEIGHT_KEYS = ("ema", "model", "state_dict")   # where official training scripts keep the weights
 PREFIXES = ("module.", "_orig_mod.")           # DistributedDataParallel, torch.compile
+# A PyTorch Lightning module that holds the network twice (DDT's released files): its parts by prefix
+LIGHTNING = {"raw": "denoiser.", "ema": "ema_denoiser.", "shared": "diffusion_trainer."}
 LABEL_TABLE = "backbone.y_embedder.embedding_table.weight"
 
 
@@ -43,7 +45,9 @@ def read_official(path) -> tuple[dict, dict, str, list]:
     """(raw weights, EMA weights, a description of the layout, the other top-level entries) of an official file.
 
     A training checkpoint {"model", "ema", "opt", "args", ...} gives both; a file with one of them, or a bare
-    state dict (the released SiT-XL/2 and DDT files), gives it for both. Prefixes of DDP and torch.compile go.
+    state dict (the released SiT-XL/2 and REPA files), gives it for both; a Lightning `state_dict` that holds
+    `denoiser.` and `ema_denoiser.` (DDT) gives each, with the trainer's `diffusion_trainer.` heads (the REPA
+    projector) beside both. Prefixes of DDP and torch.compile go.
     """
     path = Path(path)
     if not path.is_file():
@@ -65,6 +69,9 @@ def read_official(path) -> tuple[dict, dict, str, list]:
         layout = f"model <- {'model' if 'model' in found else next(iter(found))}, ema <- " \
                  f"{'ema' if 'ema' in found else next(iter(found))}"
         ignored = sorted(k for k in content if k not in found)
+        if any(k.startswith(LIGHTNING["ema"]) for k in raw):
+            raw, ema = _lightning_part(raw, "raw"), _lightning_part(raw, "ema")
+            layout = f"a Lightning state_dict: model <- {LIGHTNING['raw']}, ema <- {LIGHTNING['ema']}"
     elif all(torch.is_tensor(v) for v in content.values()):
         raw = ema = content
         layout, ignored = "a bare state dict: model and ema", []
@@ -72,6 +79,14 @@ def read_official(path) -> tuple[dict, dict, str, list]:
         raise CheckpointError(f"official checkpoint {path} has no weights under {', '.join(WEIGHT_KEYS)} and is not "
                               f"a state dict (its keys: {', '.join(sorted(map(str, content))[:8])})")
     return _unprefixed(raw), _unprefixed(ema), layout, ignored
+
+
+def _lightning_part(state: dict, part: str) -> dict:
+    """The network under LIGHTNING[part], with the shared heads, each without its prefix."""
+    out = {}
+    for prefix in (LIGHTNING[part], LIGHTNING["shared"]):
+        out.update({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return out
 
 
 def _unprefixed(state: dict) -> dict:
