@@ -208,3 +208,20 @@ def test_repa_e_imports_sit_and_bn_from_its_file_and_the_tuned_vae_from_its_diff
     with torch.no_grad():
         images = method.decode(model, torch.zeros(1, 4, 8, 8))
     assert images.shape == (1, 3, 16, 16)
+
+
+def test_an_imported_run_fine_tunes_with_train_resume(tmp_path, micro_cfg):
+    """A SiT in the official layout on the built-in data: imported at step 0, `zoo train --resume` continues it with
+    fresh optimizers and writes its next checkpoint."""
+    from zoo.training.generate import build_method
+
+    method = build_method(micro_cfg("sit"))
+    torch.manual_seed(0)
+    backbone = {k[len("backbone."):]: v for k, v in method.build_model().state_dict().items()}
+    source = tmp_path / "sit.pt"
+    torch.save({"model": backbone, "ema": backbone, "opt": {}, "args": argparse.Namespace()}, source)
+    run = tmp_path / "run"
+    assert main(["import", "--from", "sit", "--out", str(run), "--preset", "micro", str(source), "train.device=cpu"]) == 0
+    assert main(["train", "--resume", str(run), "train.steps=2", "train.sample_every=0"]) == 0
+    state = load_checkpoint(run)
+    assert state["step"] == 2 and state["optimizers"]["model"]["state"]
