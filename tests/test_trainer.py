@@ -170,12 +170,21 @@ def test_fit_logs_window_means_checkpoints_and_samples_on_schedule(micro_cfg, tm
         return {"loss": torch.tensor(float(trainer.step)), "flow": torch.tensor(2.0 * trainer.step)}
 
     monkeypatch.setattr(trainer, "train_step", step)
+    saved, sampled = [], []
+    real_save, real_grid = trainer.save_checkpoint, trainer.sample_grid
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: saved.append(trainer.step) or real_save())
+    monkeypatch.setattr(trainer, "sample_grid", lambda: sampled.append(trainer.step) or real_grid())
     last = trainer.fit()
+    assert saved == sampled == [2, 4, 5]          # the last step once, not twice
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [2, 4, 5]
     assert [r["loss"] for r in records] == [1.5, 3.5, 5.0] and [r["flow"] for r in records] == [3.0, 7.0, 10.0]
     assert all(r["lr"] == cfg.optim.lr and r["steps_per_sec"] > 0 for r in records)
     assert records[0]["elapsed"] < records[1]["elapsed"] < records[2]["elapsed"]
+    # steps/s of each window: its steps over its own seconds (the first window starts with the run)
+    windows = [(2, records[0]["elapsed"]), (2, records[1]["elapsed"] - records[0]["elapsed"]),
+               (1, records[2]["elapsed"] - records[1]["elapsed"])]
+    assert [r["steps_per_sec"] for r in records] == pytest.approx([n / sec for n, sec in windows], rel=1e-3)
     assert last == records[-1]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     assert ckpts == ["step_0000002.pt", "step_0000004.pt", "step_0000005.pt"]
@@ -199,7 +208,8 @@ def test_the_training_context_carries_step_ema_rank_and_world_size(micro_cfg, mo
 def test_a_non_finite_gradient_or_loss_stops_with_a_line_naming_it(micro_cfg, monkeypatch):
     trainer = Trainer(micro_cfg("sit"), run_dir=None, progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, clip: torch.tensor(float("inf")))
-    with pytest.raises(TrainingDiverged, match="the gradient norm of phase 'model' is inf"):
+    with pytest.raises(TrainingDiverged, match="the gradient norm of phase 'model' is inf; no checkpoint had been "
+                                               "written yet"):
         trainer.train_step(next(trainer.loader.iterate(0)))
     with pytest.raises(TrainingDiverged, match=r"the loss is not finite \(flow=nan, repa=1\)"):
         trainer.check_finite({"flow": torch.tensor(float("nan")), "repa": torch.tensor(1.0)}, torch.tensor(float("nan")))
