@@ -219,3 +219,22 @@ def test_ema_warmup_decay_grows_with_the_step():
     ema = EMA(torch.nn.Linear(2, 2), decay=0.999, warmup=True)
     assert [ema.decay_at(s) for s in (0, 5, 90)] == pytest.approx([0.1, 0.4, 0.91])
     assert ema.decay_at(10_000) == 0.999 and EMA(torch.nn.Linear(2, 2), 0.999).decay_at(5) == 0.999
+
+
+def test_a_last_step_on_the_schedule_is_checkpointed_and_sampled_once(micro_cfg, tmp_path, monkeypatch):
+    cfg = micro_cfg("sit", "train.steps=4", "train.log_every=2", "train.ckpt_every=2", "train.sample_every=2",
+                    "sample.num=2")
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False)
+    saved, sampled = [], []
+    real_save, real_grid = trainer.save_checkpoint, trainer.sample_grid
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: saved.append(trainer.step) or real_save())
+    monkeypatch.setattr(trainer, "sample_grid", lambda: sampled.append(trainer.step) or real_grid())
+    trainer.fit()
+    assert saved == sampled == [2, 4]
+
+
+def test_fit_without_a_run_folder_trains_and_writes_nothing(micro_cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(micro_cfg("sit", "train.steps=2", "train.log_every=1"), run_dir=None, progress=False)
+    last = trainer.fit()
+    assert last["step"] == 2 and trainer.step == 2 and not any(tmp_path.iterdir())
