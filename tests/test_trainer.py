@@ -6,7 +6,7 @@ import torch
 
 from zoo.training.checkpoint import atomic_save, latest_checkpoint, load_checkpoint
 from zoo.training.ema import EMA
-from zoo.errors import CheckpointError, TrainingDiverged
+from zoo.errors import CheckpointError, ConfigError, TrainingDiverged
 from zoo.figures import read_metrics
 from zoo.training.trainer import Trainer
 
@@ -238,3 +238,38 @@ def test_fit_without_a_run_folder_trains_and_writes_nothing(micro_cfg, tmp_path,
     trainer = Trainer(micro_cfg("sit", "train.steps=2", "train.log_every=1"), run_dir=None, progress=False)
     last = trainer.fit()
     assert last["step"] == 2 and trainer.step == 2 and not any(tmp_path.iterdir())
+
+
+def test_the_cosine_schedule_follows_the_warmup_and_decays_to_zero_at_train_steps(micro_cfg):
+    import math
+
+    trainer = Trainer(micro_cfg("sit", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine",
+                                "train.steps=6"), run_dir=None, progress=False)
+    batches = trainer.loader.iterate(0)
+    lrs = []
+    for _ in range(6):
+        trainer.train_step(next(batches))
+        lrs.append(trainer.optimizers["model"].param_groups[0]["lr"])
+    # warm-up 1/2, 2/2; then 0.5 (1 + cos(pi (s - 2) / 4)) at steps s = 2..5 (the last update before step 6)
+    expected = [5e-4, 1e-3, *(1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6))]
+    assert lrs == pytest.approx(expected)
+    with pytest.raises(ConfigError, match=r"optim.schedule='linear'; valid: constant, cosine"):
+        Trainer(micro_cfg("sit", "optim.schedule=linear"), run_dir=None, progress=False)
+
+
+def test_each_start_of_a_run_records_its_command_code_and_versions(micro_cfg, tmp_path, monkeypatch):
+    import json
+    import re
+
+    monkeypatch.setattr("sys.argv", ["zoo", "train", "--method", "sit"])
+    Trainer(micro_cfg("sit", "train.steps=2", "sample.num=0"), run_dir=tmp_path / "run", progress=False).fit()
+    resumed = Trainer(micro_cfg("sit", "train.steps=3", "sample.num=0"), run_dir=tmp_path / "run",
+                      resume=load_checkpoint(tmp_path / "run"), progress=False)
+    resumed.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "provenance.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 2]
+    assert lines[0]["command"] == ["zoo", "train", "--method", "sit"] and lines[0]["world_size"] == 1
+    assert lines[0]["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        lines[0]["versions"]["torch"] == torch.__version__
+    assert lines[0]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", lines[0]["commit"])
+    assert lines[0]["device"] == "cpu"

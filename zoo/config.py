@@ -85,6 +85,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0      # max global grad norm; 0 disables clipping
     warmup_steps: int = 0       # linear learning-rate warm-up
+    schedule: str = "constant"  # after the warm-up: constant (the papers') | cosine (to 0 at train.steps)
 
 
 @dataclass

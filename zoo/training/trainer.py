@@ -23,10 +23,14 @@ from zoo.config import to_dict, to_yaml
 from zoo.data import BatchLoader, build_dataset
 from zoo.training.distributed import ProcessInfo, all_gather_objects, barrier, init_processes
 from zoo.training.ema import EMA
-from zoo.errors import TrainingDiverged
+from zoo.errors import ConfigError, TrainingDiverged
 from zoo.figures import plot_losses, save_grid
 from zoo.training.method import TrainContext
+from zoo.training.provenance import record_start
 from zoo.training.generate import build_method, class_grid_labels, generate_from_config
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def new_run_dir(cfg) -> Path:
@@ -95,6 +99,8 @@ class Trainer:
     def build_optimizers(self) -> tuple[dict, dict]:
         """One AdamW per phase, and each phase's peak learning rate (its own, or optim.lr)."""
         optim = self.cfg.optim
+        if optim.schedule not in LR_SCHEDULES:
+            raise ConfigError(f"optim.schedule={optim.schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         optimizers = {p.name: torch.optim.AdamW(p.parameters, lr=p.lr or optim.lr, betas=(optim.beta1, optim.beta2),
                                                 weight_decay=optim.weight_decay) for p in self.phases}
         return optimizers, {p.name: p.lr or optim.lr for p in self.phases}
@@ -125,9 +131,8 @@ class Trainer:
         logs = {}
         for phase in self.phases:
             opt = self.optimizers[phase.name]
-            warmup = self.cfg.optim.warmup_steps
             for group in opt.param_groups:
-                group["lr"] = self.base_lr[phase.name] * (min(1.0, (self.step + 1) / warmup) if warmup else 1.0)
+                group["lr"] = self.base_lr[phase.name] * self.lr_factor()
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 terms = self.forward(phase.losses, batch, ctx)
@@ -147,6 +152,18 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.step += 1
         return logs
+
+    def lr_factor(self) -> float:
+        """The fraction of each phase's peak learning rate at this step: linear warm-up over optim.warmup_steps,
+        then constant, or a cosine that reaches 0 at train.steps (optim.schedule)."""
+        optim, steps = self.cfg.optim, self.cfg.train.steps
+        warmup = optim.warmup_steps
+        if warmup and self.step + 1 < warmup:
+            return (self.step + 1) / warmup
+        if optim.schedule == "cosine":
+            progress = (self.step - warmup) / max(1, steps - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+        return 1.0
 
     def check_finite(self, values: dict, total: torch.Tensor) -> None:
         if torch.isfinite(total):
@@ -218,6 +235,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             self.trim_metrics()
+            record_start(self.run_dir, self.step, self.proc.world_size, str(self.device))
 
     def trim_metrics(self) -> None:
         """Drop logged lines past the step training starts from: a run stopped after its last checkpoint
