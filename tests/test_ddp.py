@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -28,8 +29,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str, method: str = "sit")
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_training_keeps_replicas_identical(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+from zoo.training.registry import available_methods
+
+SINGLE_PHASE = [name for name, cls in available_methods().items()   # REPA-E's three phases: the test below
+                if cls.__module__.startswith("methods.") and name != "repa_e"]
+
+
+@pytest.mark.parametrize("method", SINGLE_PHASE)
+def test_two_process_gloo_training_keeps_replicas_identical(tmp_path, method):
+    """Every single-phase method uses every parameter in its forward: DDP runs without searching for unused ones
+    (it would stop with an error at the second step otherwise)."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), method), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["initial"], r1["initial"])
     assert not torch.equal(r0["initial"], r0["final"])

@@ -135,6 +135,9 @@ class Method:
     description: ClassVar[str] = ""
     config_class: ClassVar[Optional[type]] = None   # dataclass of the method's options, at cfg.<name>
     config_file: ClassVar[Optional[str]] = None      # default: configs/<name>.yaml
+    # Whether every trainable parameter receives a gradient from every phase's forward. DDP then skips its search
+    # for unused parameters (a graph traversal every step); a method with several phases never does.
+    every_parameter_used: ClassVar[bool] = True
 
     def __init__(self, cfg, data_info: DataInfo):
         self.cfg = cfg

@@ -113,7 +113,8 @@ class Trainer:
         if not self.proc.distributed:
             return self.model
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        unused = len(self.phases) > 1 or not self.method.every_parameter_used
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
 
     # ------------------------------------------------------------------ one step
     def autocast(self):
