@@ -13,14 +13,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, method: str = "sit") -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, method: str = "sit", overrides: tuple = ()) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from zoo.config import load_config
     from zoo.training.trainer import Trainer
 
-    cfg = load_config(method, ["preset=micro", "train.device=cpu", "train.steps=3", "sample.num=0"])
+    cfg = load_config(method, ["preset=micro", "train.device=cpu", "train.steps=3", "sample.num=0", *overrides])
     trainer = Trainer(cfg, run_dir=os.path.join(out_dir, "run"), progress=False)
     initial = torch.cat([p.detach().flatten().clone() for p in trainer.model.parameters()])
     trainer.fit()
@@ -54,3 +54,12 @@ def test_two_process_gloo_training_of_repa_e_keeps_its_three_updates_in_step(tmp
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["initial"], r1["initial"]) and not torch.equal(r0["initial"], r0["final"])
     assert torch.allclose(r0["final"], r1["final"], atol=1e-5)
+
+
+def test_two_process_gloo_training_with_accumulation_all_reduces_the_summed_gradients(tmp_path):
+    """train.accumulate=2 under DDP: the first micro-batch's backward skips the all-reduce (no_sync), the last one
+    reduces the sum; the replicas stay identical."""
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "sit", ("train.accumulate=2",)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(r0["initial"], r0["final"])
+    assert torch.allclose(r0["final"], r1["final"], atol=1e-6)

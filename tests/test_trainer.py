@@ -273,3 +273,30 @@ def test_each_start_of_a_run_records_its_command_code_and_versions(micro_cfg, tm
         lines[0]["versions"]["torch"] == torch.__version__
     assert lines[0]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", lines[0]["commit"])
     assert lines[0]["device"] == "cpu"
+
+
+def test_accumulating_micro_batches_makes_the_update_of_the_whole_batch(micro_cfg, monkeypatch):
+    """train.accumulate=2: the same batch in two halves gives the same gradients, update, EMA and logged means as in
+    one piece (the noise a function of each image here, so that both draw the same per-sample t and eps)."""
+    def noise(x):
+        return torch.sigmoid(x.mean(dim=(1, 2, 3)) * 5), torch.sin(7 * x)
+
+    trainers = []
+    for parts in (1, 2):
+        trainer = Trainer(micro_cfg("sit", "model.class_dropout=0", f"train.accumulate={parts}", "optim.grad_clip=0"),
+                          run_dir=None, progress=False)
+        monkeypatch.setattr(trainer.method, "noise", noise)
+        trainer.sizes, real = [], trainer.phases[0].losses
+        trainer.phases[0].losses = lambda model, batch, ctx, t=trainer, real=real: \
+            t.sizes.append(len(batch["label"])) or real(model, batch, ctx)
+        trainer.logs = trainer.train_step(next(trainer.loader.iterate(0)))
+        trainers.append(trainer)
+    whole, halves = trainers
+    assert whole.sizes == [8] and halves.sizes == [4, 4]
+    assert halves.logs["flow"] == pytest.approx(float(whole.logs["flow"]), rel=1e-5)
+    assert halves.logs["grad_norm"] == pytest.approx(float(whole.logs["grad_norm"]), rel=1e-4)
+    for (name, a), b in zip(whole.model.state_dict().items(), halves.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    with pytest.raises(ConfigError, match=r"train.accumulate=3 must divide the batch of each process \(8 images\)"):
+        bad = Trainer(micro_cfg("sit", "train.accumulate=3"), run_dir=None, progress=False)
+        bad.train_step(next(bad.loader.iterate(0)))

@@ -126,21 +126,18 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self, batch: dict) -> dict:
-        """One optimizer step of every phase; returns the logged values as tensors."""
-        batch = self.to_device(batch)
-        ctx = TrainContext(self.step, self.ema.module, self.proc.rank, self.proc.world_size)
+        """One optimizer step of every phase, its gradients summed over train.accumulate micro-batches; returns the
+        logged values (means over the micro-batches) as tensors."""
+        micros = self.micro_batches(self.to_device(batch))
+        # one context per micro-batch: what a phase hands on (ctx.carry) reaches the next phase of the same images
+        contexts = [TrainContext(self.step, self.ema.module, self.proc.rank, self.proc.world_size) for _ in micros]
         logs = {}
         for phase in self.phases:
             opt = self.optimizers[phase.name]
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[phase.name] * self.lr_factor()
             opt.zero_grad(set_to_none=True)
-            with self.autocast():
-                terms = self.forward(phase.losses, batch, ctx)
-            total = sum(term.weight * term.value.float() for term in terms.values())
-            values = {name: term.value.detach().float() for name, term in terms.items()}
-            self.check_finite(values, total)
-            total.backward()
+            values, total = self.backward_over(phase, micros, contexts)
             clip = self.cfg.optim.grad_clip
             norm = torch.nn.utils.clip_grad_norm_(phase.parameters, clip if clip > 0 else math.inf)
             if not torch.isfinite(norm):
@@ -148,11 +145,40 @@ class Trainer:
             opt.step()
             suffix = "" if len(self.phases) == 1 else f"/{phase.name}"
             logs.update(values)
-            logs[f"loss{suffix}"] = total.detach()
+            logs[f"loss{suffix}"] = total
             logs[f"grad_norm{suffix}"] = norm.detach()
         self.ema.update(self.model, self.step)
         self.step += 1
         return logs
+
+    def micro_batches(self, batch: dict) -> list:
+        """The process's batch in train.accumulate equal parts (one part: the batch itself)."""
+        parts = self.cfg.train.accumulate
+        if parts == 1:
+            return [batch]
+        size = len(batch["label"])
+        if parts < 1 or size % parts:
+            raise ConfigError(f"train.accumulate={parts} must divide the batch of each process ({size} images)")
+        chunks = {k: v.split(size // parts) for k, v in batch.items() if torch.is_tensor(v)}
+        return [{**batch, **{k: c[i] for k, c in chunks.items()}} for i in range(parts)]
+
+    def backward_over(self, phase, micros: list, contexts: list) -> tuple[dict, torch.Tensor]:
+        """Back-propagate the phase's weighted loss of each micro-batch, scaled by 1/parts so that the gradients
+        sum to those of the whole batch; DDP all-reduces once, at the last part. Returns the mean values, total."""
+        parts, values, total = len(micros), {}, 0.0
+        for i, (micro, ctx) in enumerate(zip(micros, contexts)):
+            last = i == parts - 1
+            with contextlib.nullcontext() if last or not self.proc.distributed else self.forward.no_sync():
+                with self.autocast():
+                    terms = self.forward(phase.losses, micro, ctx)
+                part = sum(term.weight * term.value.float() for term in terms.values())
+                part_values = {name: term.value.detach().float() for name, term in terms.items()}
+                self.check_finite(part_values, part)
+                (part / parts).backward()
+            for name, value in part_values.items():
+                values[name] = values.get(name, 0.0) + value / parts
+            total = total + part.detach() / parts
+        return values, total
 
     def lr_factor(self) -> float:
         """The fraction of each phase's peak learning rate at this step: linear warm-up over optim.warmup_steps,
