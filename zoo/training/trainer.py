@@ -292,16 +292,16 @@ class Trainer:
         while self.step < run.steps:
             logs = self.train_step(next(batches))
             window_steps += 1
-            for k, v in logs.items():
-                window[k] = window.get(k, 0.0) + float(v)
+            for k, v in logs.items():  # summed where they live: the host waits for them once per log line
+                window[k] = window.get(k, 0.0) + v.detach()
             bar.update(1)  # pragma: no mutate
-            bar.set_postfix(loss=f"{float(logs.get('loss', next(iter(logs.values())))):.4f}", refresh=False)  # pragma: no mutate
             if self.step % run.log_every == 0 or self.step == run.steps:
                 now = time.perf_counter()
-                last = {"step": self.step, **{k: v / window_steps for k, v in window.items()},
+                last = {"step": self.step, **{k: float(v) / window_steps for k, v in window.items()},
                         "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
                         "steps_per_sec": window_steps / (now - window_start), "elapsed": now - start}
                 self.log(last)
+                bar.set_postfix(loss=f"{last.get('loss', 0.0):.4f}", refresh=False)  # pragma: no mutate
                 window, window_start, window_steps = {}, now, 0
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < run.steps:
                 self.save_checkpoint()
