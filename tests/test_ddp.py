@@ -63,3 +63,27 @@ def test_two_process_gloo_training_with_accumulation_all_reduces_the_summed_grad
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert not torch.equal(r0["initial"], r0["final"])
     assert torch.allclose(r0["final"], r1["final"], atol=1e-6)
+
+
+def _averaging_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Each process logs its own loss (rank + 1): the metrics line holds their mean."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from zoo.config import load_config
+    from zoo.training.trainer import Trainer
+
+    cfg = load_config("sit", ["preset=micro", "train.device=cpu", "train.steps=2", "train.log_every=1",
+                              "sample.num=0"])
+    trainer = Trainer(cfg, run_dir=os.path.join(out_dir, "run"), progress=False)
+    real = trainer.train_step
+    trainer.train_step = lambda batch: {**real(batch), "loss": torch.tensor(float(rank + 1))}
+    trainer.fit()
+    torch.distributed.destroy_process_group()
+
+
+def test_logged_values_are_means_over_the_processes(tmp_path):
+    from zoo.figures import read_metrics
+
+    mp.spawn(_averaging_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1.5, 1.5]

@@ -300,3 +300,32 @@ def test_accumulating_micro_batches_makes_the_update_of_the_whole_batch(micro_cf
     with pytest.raises(ConfigError, match=r"train.accumulate=3 must divide the batch of each process \(8 images\)"):
         bad = Trainer(micro_cfg("sit", "train.accumulate=3"), run_dir=None, progress=False)
         bad.train_step(next(bad.loader.iterate(0)))
+
+
+def test_tensorboard_gets_every_logged_value_and_the_sample_grids(micro_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = micro_cfg("sit", "train.steps=4", "train.log_every=2", "train.sample_every=2", "sample.num=2",
+                    "train.logger=tensorboard")
+    Trainer(cfg, run_dir=tmp_path / "run", progress=False).fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {"loss", "flow", "lr", "steps_per_sec"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+
+
+def test_an_unknown_or_missing_logger_is_one_line(micro_cfg, monkeypatch):
+    import builtins
+
+    with pytest.raises(ConfigError, match=r"train.logger='neptune'; valid: jsonl, tensorboard, wandb"):
+        Trainer(micro_cfg("sit", "train.logger=neptune"), run_dir=None, progress=False)
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real_import(name, *a, **k))
+    from zoo.training.loggers import RunLogger
+
+    with pytest.raises(ConfigError, match=r"train.logger=wandb needs the wandb package: pip install wandb"):
+        RunLogger("wandb", "/tmp/x", micro_cfg("sit"))

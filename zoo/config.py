@@ -92,6 +92,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 400
     batch_size: int = 64        # global batch, split across processes
+    logger: str = "jsonl"       # metrics.jsonl always; tensorboard | wandb as well (zoo/training/loggers.py)
     accumulate: int = 1         # micro-batches per process and step: gradients summed, the same update in less memory
     ema_decay: float = 0.9999
     ema_warmup: bool = False    # decay min(ema_decay, (1 + step) / (10 + step)) for short runs

@@ -26,6 +26,7 @@ from zoo.training.ema import EMA
 from zoo.errors import ConfigError, TrainingDiverged
 from zoo.figures import plot_losses, save_grid
 from zoo.training.method import TrainContext
+from zoo.training.loggers import LOGGERS, RunLogger
 from zoo.training.provenance import record_start
 from zoo.training.generate import build_method, class_grid_labels, generate_from_config
 
@@ -52,6 +53,9 @@ class Trainer:
         self.proc = proc or init_processes(cfg.train.device)
         self.device = self.proc.device
         self.bf16 = self.configure_torch()
+        if cfg.train.logger not in LOGGERS:
+            raise ConfigError(f"train.logger={cfg.train.logger!r}; valid: {', '.join(LOGGERS)}")
+        self.logger = RunLogger("jsonl", None, cfg)   # the chosen backend opens with the run folder (fit)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         self.method = build_method(cfg)
         self.set_up_method()
@@ -250,12 +254,15 @@ class Trainer:
         images = generate_from_config(self.method, model, labels, sampling, device=self.device)
         model.train(was_training)
         per_row = max(1, sampling.num // self.method.data.num_classes)
-        return save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
+        path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
+        self.logger.image("samples", path, self.step)
+        return path
 
     def log(self, record: dict) -> None:
         if self.proc.is_main and self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.logger.scalars(record)
 
     def prepare_run_dir(self) -> None:
         if self.proc.is_main and self.run_dir is not None:
@@ -263,6 +270,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             self.trim_metrics()
             record_start(self.run_dir, self.step, self.proc.world_size, str(self.device))
+            self.logger = RunLogger(self.cfg.train.logger, self.run_dir, self.cfg)
 
     def trim_metrics(self) -> None:
         """Drop logged lines past the step training starts from: a run stopped after its last checkpoint
@@ -274,6 +282,16 @@ class Trainer:
         kept = [line for line in lines if _logged_step(line) <= self.step]  # a half-written last line goes too
         if len(kept) != len(lines):
             path.write_text("".join(line + "\n" for line in kept))
+
+    def window_means(self, window: dict, steps: int) -> dict:
+        """Each logged value's mean over the window's steps and, with several processes, over the processes (every
+        process reaches the same log steps, so all join the reduction)."""
+        names = list(window)
+        sums = torch.stack([window[k].double() for k in names]) / steps
+        if self.proc.distributed:
+            torch.distributed.all_reduce(sums)
+            sums /= self.proc.world_size
+        return dict(zip(names, sums.tolist()))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -297,7 +315,7 @@ class Trainer:
             bar.update(1)  # pragma: no mutate
             if self.step % run.log_every == 0 or self.step == run.steps:
                 now = time.perf_counter()
-                last = {"step": self.step, **{k: float(v) / window_steps for k, v in window.items()},
+                last = {"step": self.step, **self.window_means(window, window_steps),
                         "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
                         "steps_per_sec": window_steps / (now - window_start), "elapsed": now - start}
                 self.log(last)
@@ -310,6 +328,7 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         self.sample_grid()
+        self.logger.close()
         if self.proc.is_main and self.run_dir is not None:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png")
         return last
