@@ -185,6 +185,8 @@ def test_fit_logs_window_means_checkpoints_and_samples_on_schedule(micro_cfg, tm
     windows = [(2, records[0]["elapsed"]), (2, records[1]["elapsed"] - records[0]["elapsed"]),
                (1, records[2]["elapsed"] - records[1]["elapsed"])]
     assert [r["steps_per_sec"] for r in records] == pytest.approx([n / sec for n, sec in windows], rel=1e-3)
+    assert [r["images_per_sec"] for r in records] == pytest.approx([r["steps_per_sec"] * cfg.train.batch_size
+                                                                    for r in records], rel=1e-9)
     assert last == records[-1]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     assert ckpts == ["step_0000002.pt", "step_0000004.pt", "step_0000005.pt"]

@@ -317,7 +317,8 @@ class Trainer:
                 now = time.perf_counter()
                 last = {"step": self.step, **self.window_means(window, window_steps),
                         "lr": self.optimizers[self.phases[0].name].param_groups[0]["lr"],
-                        "steps_per_sec": window_steps / (now - window_start), "elapsed": now - start}
+                        "steps_per_sec": window_steps / (now - window_start),
+                        "images_per_sec": window_steps * run.batch_size / (now - window_start), "elapsed": now - start}
                 self.log(last)
                 bar.set_postfix(loss=f"{last.get('loss', 0.0):.4f}", refresh=False)  # pragma: no mutate
                 window, window_start, window_steps = {}, now, 0
