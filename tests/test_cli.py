@@ -82,6 +82,14 @@ def test_bench_reports_speed_and_memory():
     assert '"steps_per_sec"' in out.stdout and '"peak_rss_mb"' in out.stdout
 
 
+def test_bench_data_times_the_batch_stream_alone():
+    out = zoo("bench", "--data", *MICRO, "--steps", "3", "--warmup", "1")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["steps"] == 3 and result["images_per_sec"] == pytest.approx(
+        result["batches_per_sec"] * result["batch_size"])
+
+
 def test_bench_side_by_side_reports_each_run_and_its_ratio_to_the_first():
     out = zoo("bench", "--run", "sit", "--run", "repa repa.feature_cache=never", *MICRO, "--steps", "1",
               "--warmup", "1", "--rounds", "2")

@@ -87,3 +87,21 @@ def bench_training(cfg, steps: int = 20, warmup: int = 3, peak_tflops: float = 0
         # 6 FLOPs per parameter per token for forward + backward (the usual MFU estimate)
         result["mfu"] = round(6 * backbone * tokens * images_per_sec / (peak_tflops * 1e12), 4)
     return result
+
+
+def bench_data(cfg, steps: int = 50, warmup: int = 5) -> dict:
+    """Images/s of the training batch stream alone (no model): what the data side can feed a training step."""
+    from zoo.data import BatchLoader, build_dataset
+
+    dataset = build_dataset(cfg.data)
+    loader = BatchLoader(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed)
+    batches = loader.iterate(0)
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(batches)
+    seconds = time.perf_counter() - start
+    return {"dataset": cfg.data.dataset, "batch_size": cfg.train.batch_size, "num_workers": cfg.data.num_workers,
+            "steps": steps, "batches_per_sec": steps / seconds, "images_per_sec": steps * cfg.train.batch_size / seconds,
+            "threads": torch.get_num_threads(), "machine": platform.machine()}

@@ -167,6 +167,8 @@ class BatchLoader:
                     yield list(zip(index.tolist(), flip.tolist()))
                     step += 1
 
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=Plan(), num_workers=self.num_workers,
-                                             persistent_workers=self.num_workers > 0)
+        workers = self.num_workers
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=Plan(), num_workers=workers,
+                                             persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                             pin_memory=torch.cuda.is_available())  # pinned: async host-to-GPU copies
         yield from loader

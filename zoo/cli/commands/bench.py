@@ -19,14 +19,18 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, to report model FLOP utilisation")
     p.add_argument("--out", help="also write the result as JSON here")
+    p.add_argument("--data", action="store_true", help="time the batch stream alone (images/s the data side feeds)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from zoo.compare.bench import bench_side_by_side, bench_training
+    from zoo.compare.bench import bench_data, bench_side_by_side, bench_training
     from zoo.config import load_config
 
-    if args.run:
+    if args.data:
+        result = bench_data(load_config(args.method or "sit", args.overrides, args.preset), steps=args.steps,
+                            warmup=args.warmup)
+    elif args.run:
         specs = [spec.split() for spec in args.run]
         if any(not spec for spec in specs):
             raise ZooError("--run needs a method name, optionally followed by key=value overrides")
