@@ -96,6 +96,7 @@ class REPAE(REPA):
     name = "repa_e"
     description = "REPA-E: tune the VAE end to end with SiT through the REPA loss (three updates per step)"
     config_class = REPAEConfig
+    reads_store_latents = False  # it encodes the store's images with the VAE it tunes
 
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)

@@ -1,4 +1,4 @@
-"""The VAE layer: the built-in VAE, diffusers folders, latent diffusion for any method, prepared latent shards,
+"""The VAE layer: the built-in VAE, diffusers folders, latent diffusion for any method, the prepare dataset command,
 `zoo export-vae`, and LPIPS from local files."""
 import json
 import subprocess
@@ -10,7 +10,7 @@ from PIL import Image
 
 from zoo.training import contract
 from zoo.config import load_config
-from zoo.errors import ConfigError, DataError, MissingWeightsError
+from zoo.errors import MissingWeightsError
 from zoo.latents.vae import ensure_builtin_vae, kl_to_standard_normal, latent_shape, load_vae
 
 MICRO = ["preset=micro", "train.device=cpu"]
@@ -73,48 +73,18 @@ def write_image_folder(root, n=6):
     return root
 
 
-def test_prepared_latents_hold_the_posterior_moments_of_both_flips(tmp_path, vae_cfg, vae):
-    from zoo.data.folder import ImageFolder
-    from zoo.data.latents import LatentShards, prepare_latents
-
-    images = ImageFolder(write_image_folder(tmp_path / "images"), 32)
-    out = prepare_latents(vae, images, tmp_path / "latents", shard_size=4, batch_size=3, progress=False)
-    shards = LatentShards(out)
-    assert len(shards) == 6 and shards.meta["num_shards"] == 2 and shards.meta["latent_shape"] == [4, 8, 8]
-    index, flip = torch.tensor([0, 5, 2]), torch.tensor([False, True, True])
-    batch = shards.batch(index, flip)
-    x = torch.stack([images[(int(i), bool(f))]["image"] for i, f in zip(index, flip)])
-    with torch.no_grad():
-        mean, std = vae.posterior(x)
-    assert torch.allclose(batch["latent_mean"], mean, atol=2e-3, rtol=2e-3)
-    assert torch.allclose(batch["latent_std"], std, atol=2e-3, rtol=2e-3)
-    assert batch["label"].tolist() == [images.samples[int(i)][1] for i in index]
-
-    # a method trains on them, with the VAE only decoding
-    cfg = ["data.dataset=latents", f"data.root={out}", f"data.vae={vae.source}", "data.num_classes=6",
-           "model.patch=1", "train.batch_size=4"]
-    contract.check_training_step("sit", cfg)
-    for missing in ("", "data.vae=builtin"):
-        with pytest.raises(ConfigError, match=f"needs data.vae.*data.vae={vae.source}"):
-            contract.check_builds("sit", ["data.dataset=latents", f"data.root={out}", *([missing] if missing else [])])
-
-    (out / "shard_00001.mean.npy").write_bytes(b"truncated")
-    with pytest.raises(DataError, match="shard_00001.mean.npy is missing or corrupt"):
-        LatentShards(out)
-
-
 def zoo(*args):
     return subprocess.run([sys.executable, "-m", "zoo", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_prepare_latents_and_export_vae_commands(tmp_path):
+def test_prepare_dataset_and_export_vae_commands(tmp_path):
     from zoo.training.trainer import Trainer
 
     images = write_image_folder(tmp_path / "images", n=4)
-    out = zoo("prepare", "latents", "--vae", "builtin", "--preset", "micro", "--images", str(images), "--out",
-              str(tmp_path / "latents"), "--image-size", "32")
+    out = zoo("prepare", "dataset", "--vae", "builtin", "--preset", "micro", "--images", str(images), "--out",
+              str(tmp_path / "latents"), "--size", "32", "--no-images", "--workers", "0")
     assert out.returncode == 0, out.stderr
-    assert "data.dataset=latents" in out.stdout and (tmp_path / "latents" / "meta.json").exists()
+    assert "data.dataset=prepared" in out.stdout and (tmp_path / "latents" / "meta.json").exists()
 
     run = tmp_path / "run"
     Trainer(load_config("repa_e", [*MICRO, "train.steps=2", "sample.num=0"]), run_dir=run, progress=False).fit()

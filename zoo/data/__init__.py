@@ -1,7 +1,8 @@
 """Datasets and the deterministic, resumable batch stream the trainer reads.
 
-Every batch is a dict: `image` (float [-1, 1], [B, 3, H, W]), `label`, `index` (position in the
-dataset) and `flip` (whether it was mirrored). Batch contents depend only on (seed, step, rank),
+Every batch is a dict: `image` ([B, 3, H, W]: float in [-1, 1], or uint8 from a prepared store, which
+`as_model_inputs` turns into floats on the device), `label`, `index` (position in the dataset) and
+`flip` (whether it was mirrored); a prepared store adds the VAE posterior's `latent_mean` and `latent_std`. Batch contents depend only on (seed, step, rank),
 so resuming at step s reads exactly the batches an uninterrupted run would have read, and a
 feature cache can be keyed by (index, flip).
 """
@@ -13,11 +14,12 @@ from pathlib import Path
 import torch
 
 from zoo.data.folder import ImageFolder, list_classes
+from zoo.data.store import collate_batch
 from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes
 from zoo.errors import ConfigError, DataError
 from zoo.training.method import DataInfo
 
-DATASETS = ("shapes", "folder", "latents")
+DATASETS = ("shapes", "folder", "prepared")
 REFERENCE_SEED_OFFSET = 1_000_003  # the held-out/reference split of the shapes data uses seed + this
 
 
@@ -30,15 +32,14 @@ def data_info(data_cfg) -> DataInfo:
     if data_cfg.dataset == "folder":
         classes = list_classes(data_cfg.root)
         return DataInfo(3, data_cfg.image_size, len(classes))
-    if data_cfg.dataset == "latents":
-        from zoo.data.latents import read_meta
+    if data_cfg.dataset == "prepared":
+        from zoo.data.store import read_meta
 
-        meta = read_meta(data_cfg.root)
-        if not data_cfg.vae or data_cfg.vae == "builtin":  # `builtin` would mean a VAE trained on these latents
-            raise ConfigError(f"data.dataset=latents needs data.vae: the folder of the VAE that wrote them, "
-                              f"which decodes the samples: data.vae={meta['vae']}")
+        if not str(data_cfg.root):
+            raise ConfigError("data.dataset=prepared needs data.root: a store written by `zoo prepare dataset`")
+        meta = read_meta(data_cfg.root)  # data.vae is checked by the method: REPA-E reads the images only
         if meta["image_size"] != data_cfg.image_size:
-            raise ConfigError(f"the latents in {data_cfg.root} are of {meta['image_size']} px images; "
+            raise ConfigError(f"the store {data_cfg.root} holds {meta['image_size']} px images; "
                               f"set data.image_size={meta['image_size']}")
         return DataInfo(3, data_cfg.image_size, meta["num_classes"])
     raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
@@ -87,10 +88,23 @@ def training_images(data_cfg, num_images: int):
     return build_dataset(data_cfg)
 
 
+def as_model_inputs(batch: dict) -> dict:
+    """uint8 images to floats in [-1, 1] and float16 latents to float32 (done after the copy to the device:
+    a quarter of the bytes cross the bus)."""
+    out = dict(batch)
+    if "image" in out and out["image"].dtype == torch.uint8:
+        out["image"] = out["image"].float() / 127.5 - 1
+    for key in ("latent_mean", "latent_std"):
+        if key in out:
+            out[key] = out[key].float()
+    return out
+
+
 def gather(dataset, index: torch.Tensor, flip: torch.Tensor) -> dict:
-    """A batch of (image, label) at `index`, mirrored where `flip`, from in-memory data or an image folder."""
+    """A batch of (image, label) at `index`, mirrored where `flip`, from in-memory data, a prepared store or an
+    image folder; images as floats in [-1, 1]."""
     if hasattr(dataset, "batch"):
-        return dataset.batch(index, flip)
+        return as_model_inputs(dataset.batch(index, flip))
     items = [dataset[(int(i), bool(f))] for i, f in zip(index, flip)]
     return {"image": torch.stack([it["image"] for it in items]), "label": torch.tensor([it["label"] for it in items]),
             "index": index, "flip": flip}
@@ -105,12 +119,12 @@ def build_dataset(data_cfg):
             raise ConfigError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.root} has "
                               f"{len(dataset.classes)} class folders; set data.num_classes={len(dataset.classes)}")
         return dataset
-    if data_cfg.dataset == "latents":
-        from zoo.data.latents import LatentShards
+    if data_cfg.dataset == "prepared":
+        from zoo.data.store import PreparedStore
 
-        dataset = LatentShards(data_cfg.root)
+        dataset = PreparedStore(data_cfg.root)
         if dataset.meta["num_classes"] != data_cfg.num_classes:
-            raise ConfigError(f"data.num_classes={data_cfg.num_classes} but the latents in {data_cfg.root} have "
+            raise ConfigError(f"data.num_classes={data_cfg.num_classes} but the store {data_cfg.root} has "
                               f"{dataset.meta['num_classes']} classes; set data.num_classes={dataset.meta['num_classes']}")
         return dataset
     raise ConfigError(f"unknown data.dataset {data_cfg.dataset!r}; valid: {', '.join(DATASETS)}")
@@ -144,7 +158,9 @@ class StepBatches:
 
 
 class BatchLoader:
-    """Iterates batches from a given step on, for in-memory data or an image folder (with workers)."""
+    """Iterates batches from a given step on. In-memory data is gathered in this process; an image folder,
+    and a prepared store when data.num_workers > 0, in DataLoader workers (a store's whole batch per call).
+    Either way the batches depend only on (seed, step, rank), so a resumed run reads the same ones."""
 
     def __init__(self, dataset, data_cfg, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.dataset = dataset
@@ -152,7 +168,8 @@ class BatchLoader:
         self.num_workers = data_cfg.num_workers
 
     def iterate(self, start_step: int):
-        if hasattr(self.dataset, "batch"):  # in-memory or memory-mapped data: gathered by index, no workers
+        batched = hasattr(self.dataset, "__getitems__")
+        if hasattr(self.dataset, "batch") and (not batched or not self.num_workers):
             step = start_step
             while True:
                 yield self.dataset.batch(*self.plan(step))
@@ -168,7 +185,11 @@ class BatchLoader:
                     step += 1
 
         workers = self.num_workers
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=Plan(), num_workers=workers,
+        collate = {"collate_fn": collate_batch} if batched else {}
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, one draw that
+        # a resumed run would make at another point of the RNG stream than the uninterrupted run.
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=Plan(), num_workers=workers, **collate,
+                                             generator=torch.Generator().manual_seed(self.plan.seed),
                                              persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                              pin_memory=torch.cuda.is_available())  # pinned: async host-to-GPU copies
         yield from loader

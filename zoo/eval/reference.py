@@ -26,11 +26,22 @@ def reference_images(data_cfg, num: int) -> tuple:
     if data_cfg.dataset == "shapes":
         split = shapes_split(data_cfg, reference=True, num_images=num)
         return split.images, split.labels
-    folder = ImageFolder(data_cfg.root, data_cfg.image_size)
+    if data_cfg.dataset == "prepared":
+        from zoo.data.store import PreparedStore
+
+        folder = PreparedStore(data_cfg.root)
+        if not folder.has_images:
+            raise DataError(f"the store {data_cfg.root} holds only latents (--no-images): its reference images are "
+                            "not there; prepare it again without --no-images")
+    else:
+        folder = ImageFolder(data_cfg.root, data_cfg.image_size)
     if len(folder) < num:
         raise DataError(f"the reference needs {num} images but {data_cfg.root} has {len(folder)}; "
                         f"lower the number of reference images")
     order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(1_000_003))[:num].sort().values
+    if data_cfg.dataset == "prepared":
+        return (torch.from_numpy(folder.gather("image", order.numpy())),
+                torch.from_numpy(folder.gather("label", order.numpy())))
     images = torch.stack([folder.load(int(i)) for i in order])
     labels = torch.tensor([folder.samples[int(i)][1] for i in order])
     return images, labels
@@ -44,7 +55,7 @@ def reference_description(data_cfg, num: int) -> dict:
     if data_cfg.dataset == "shapes":
         desc["split"] = f"held-out shapes, generator seed {data_cfg.seed + REFERENCE_SEED_OFFSET}"
     else:
-        desc["split"] = "seeded subset of the image folder"
+        desc["split"] = f"seeded subset of the {'store' if data_cfg.dataset == 'prepared' else 'image folder'}"
     return desc
 
 

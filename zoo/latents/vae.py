@@ -129,7 +129,12 @@ def load_vae(cfg, name: str | None = None, progress: bool = True) -> VAE:
         net = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the VAE in {path}: {str(exc).splitlines()[0][:300]}") from None
-    return VAE(net, str(path))
+    vae = VAE(net, str(path))
+    if cfg.data.dataset == "prepared" and name == cfg.data.vae:
+        from zoo.data.store import check_store_vae
+
+        check_store_vae(cfg.data.root, vae)
+    return vae
 
 
 # ---------------------------------------------------------------- the built-in VAE

@@ -58,9 +58,12 @@ class Teacher:
         self.encoders, self.caches = [], []
         if not training:
             return
-        if self.cfg.data.dataset == "latents":
-            raise ConfigError(f"{self.owner}'s teacher needs the images, and prepared latents hold none: train on the "
-                              "image folder with data.vae=<VAE> instead")
+        if self.cfg.data.dataset == "prepared":
+            from zoo.data.store import read_meta
+
+            if not read_meta(self.cfg.data.root)["images_stored"]:
+                raise ConfigError(f"{self.owner}'s teacher needs the images, and the store {self.cfg.data.root} holds "
+                                  "only latents (--no-images): prepare it again without --no-images")
         self.device = torch.device(device)
         self.encoders = build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid,
                                        cfg=self.cfg, device=self.device)

@@ -138,8 +138,16 @@ class Method:
     # Whether every trainable parameter receives a gradient from every phase's forward. DDP then skips its search
     # for unused parameters (a graph traversal every step); a method with several phases never does.
     every_parameter_used: ClassVar[bool] = True
+    # Whether training from a prepared store reads its latents (and so needs data.vae, the VAE that wrote them).
+    # A method that encodes the store's images with a VAE of its own (REPA-E) reads only the images.
+    reads_store_latents: ClassVar[bool] = True
 
     def __init__(self, cfg, data_info: DataInfo):
+        if cfg.data.dataset == "prepared" and self.reads_store_latents and cfg.data.vae in ("", "builtin"):
+            from zoo.data.store import read_meta
+
+            raise ConfigError(f"data.dataset=prepared needs data.vae: the folder of the VAE that wrote the store, "
+                              f"which decodes the samples: data.vae={read_meta(cfg.data.root)['vae']}")
         self.cfg = cfg
         self.data = data_info
         self.path = build_path(cfg.flow.path)

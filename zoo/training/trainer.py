@@ -127,7 +127,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        from zoo.data import as_model_inputs
+
+        return as_model_inputs({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                for k, v in batch.items()})
 
     def train_step(self, batch: dict) -> dict:
         """One optimizer step of every phase, its gradients summed over train.accumulate micro-batches; returns the
