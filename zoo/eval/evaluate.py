@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from zoo.cache import fingerprint
+from zoo.cache import cache_dir, fingerprint
+from zoo.training.checkpoint import atomic_save
 from zoo.errors import ConfigError, DataError
 from zoo.eval.extractors import build_extractor
 from zoo.eval.metrics import class_accuracy, feature_metrics
@@ -43,6 +44,7 @@ class EvalSettings:
     weights: Optional[str] = None   # the extractor's weights file; None: its default place
     reference_num: int = 5000       # real images the samples are compared with
     options: dict = field(default_factory=dict)  # the method's sampling options by keyword, e.g. {"share": "dp:4"}
+    ref: Optional[str] = None       # an ADM reference batch (.npz): score the ADM way (Inception FID, sFID, IS, P/R)
 
     def resolved(self, sample_cfg, method: Optional[str] = None) -> "EvalSettings":
         """None fields from the checkpoint's `sample.*`; with `method`, its options checked and defaults dropped."""
@@ -56,7 +58,7 @@ class EvalSettings:
         """What the record's key hashes: every setting; the options and the last step only when there are any,
         so that records saved before they existed keep their keys."""
         fields = dataclasses.asdict(self)
-        for key in ("options", "last_step"):
+        for key in ("options", "last_step", "ref"):
             if not fields[key]:
                 del fields[key]
         return fields
@@ -89,23 +91,43 @@ def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def sample_uint8(method, model, labels: torch.Tensor, settings: EvalSettings, device, progress: bool = True,
-                 desc: str = "sampling") -> torch.Tensor:
-    """uint8 [N, 3, H, W] samples for `labels` with the settings' sampler, drawn chunk by chunk."""
+def own_chunks(num: int, batch_size: int, proc=None) -> list:
+    """The sampling chunks this process draws: chunk c of every `batch_size` labels goes to process c mod N.
+    A chunk's noise depends only on (seed, c), so any number of processes draws the same samples."""
+    rank, world = (proc.rank, proc.world_size) if proc is not None else (0, 1)
+    return list(range(rank, (num + batch_size - 1) // batch_size, world))
+
+
+def sample_chunks(method, model, labels: torch.Tensor, settings: EvalSettings, device, proc=None,
+                  progress: bool = True, desc: str = "sampling"):
+    """(chunk number, uint8 [B, 3, H, W]) for this process's chunks of `labels`, drawn with the settings' sampler."""
     from tqdm import tqdm
 
     from zoo.training.generate import iter_generate
 
+    mine = own_chunks(len(labels), settings.batch_size, proc)
     chunks = iter_generate(method, model, labels, sampler=settings.sampler, solver=settings.solver,
                            steps=settings.steps, cfg_scale=settings.cfg_scale, cfg_interval=tuple(settings.cfg_interval),
                            seed=settings.seed, batch_size=settings.batch_size, device=device,
-                           last_step=settings.last_step or 0.0, **settings.options)
-    out = []
-    with tqdm(total=len(labels), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        for chunk in chunks:
-            out.append(to_uint8_nchw(chunk))
+                           last_step=settings.last_step or 0.0, chunks=set(mine), **settings.options)
+    total = sum(len(c) for i, c in enumerate(labels.split(settings.batch_size)) if i in set(mine))
+    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for number, chunk in zip(mine, chunks):
             bar.update(len(chunk))
-    return torch.cat(out)
+            yield number, to_uint8_nchw(chunk)
+
+
+def sample_uint8(method, model, labels: torch.Tensor, settings: EvalSettings, device, progress: bool = True,
+                 desc: str = "sampling") -> torch.Tensor:
+    """uint8 [N, 3, H, W] samples for `labels` with the settings' sampler, drawn chunk by chunk in this process."""
+    return torch.cat([c for _, c in sample_chunks(method, model, labels, settings, device, None, progress, desc)])
+
+
+def in_chunk_order(parts: list) -> dict:
+    """{key: tensor} of every process's {chunk: {key: tensor}}, concatenated in chunk order."""
+    merged = {number: values for part in parts for number, values in part.items()}
+    keys = next(iter(merged.values())).keys()
+    return {k: torch.cat([merged[n][k] for n in sorted(merged)]) for k in keys}
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -116,22 +138,75 @@ def run_dir_of(ckpt_path: Path) -> Path:
 class Evaluator:
     """Scores checkpoints or sample sets with one feature extractor; reference features are built once."""
 
-    def __init__(self, settings: EvalSettings = EvalSettings(), device: str = "auto", progress: bool = True):
-        from zoo.training.distributed import pick_device
+    def __init__(self, settings: EvalSettings = EvalSettings(), device: str = "auto", progress: bool = True,
+                 proc=None):
+        from zoo.training.distributed import ProcessInfo, pick_device
 
-        self.settings, self.device, self.progress = settings, pick_device(device), progress
+        self.proc = proc or ProcessInfo()
+        self.settings, self.progress = settings, progress and self.proc.is_main
+        self.device = pick_device(device, self.proc.local_rank)
         self._extractors, self._references = {}, {}
 
     def extractor(self, data_cfg):
         """Built once; the default judge is the one trained on this data, so it is kept per data."""
         from zoo.data import data_identity
 
+        if self.settings.ref:
+            if "adm" not in self._extractors:
+                from zoo.eval.adm import AdmInception
+                from zoo.eval.extractors import inception_weights
+
+                self._extractors["adm"] = AdmInception(inception_weights(self.settings.weights), self.device)
+            return self._extractors["adm"]
         per_data = self.settings.extractor == "judge" and not self.settings.weights
         key = fingerprint(data_identity(data_cfg)) if per_data else "any"
         if key not in self._extractors:
             self._extractors[key] = build_extractor(self.settings.extractor, self.settings.weights, data_cfg,
                                                     self.device, progress=self.progress)
         return self._extractors[key]
+
+    def features(self, images: torch.Tensor, data_cfg) -> dict:
+        """The extractor's features of one batch of uint8 images (all of it in one call: the same batches in any
+        number of processes give the same numbers)."""
+        return self.extractor(data_cfg).extract(images, batch_size=len(images))
+
+    def metrics(self, feats: dict, labels: Optional[torch.Tensor], data_cfg) -> dict:
+        """Metrics of sample features against the reference: the ADM batch's, or the data's reference split."""
+        if self.settings.ref:
+            from zoo.eval.adm import adm_metrics
+
+            return adm_metrics(feats, *self.adm_reference())
+        reference = self.reference(data_cfg)
+        metrics = feature_metrics(feats["features"], reference["features"], seed=self.settings.seed)
+        if labels is not None and "logits" in feats:
+            metrics["class_accuracy"] = class_accuracy(feats["logits"], labels)
+        return metrics
+
+    def adm_reference(self) -> tuple:
+        """(the reference batch, its Inception features), the features cached per file and weights."""
+        if "adm" not in self._references:
+            from zoo.eval.adm import read_reference
+            from zoo.eval.extractors import file_identity
+
+            ref = read_reference(self.settings.ref)
+            inception = self.extractor(None)
+            key = fingerprint({"format": "adm-reference/1", "ref": file_identity(Path(self.settings.ref)),
+                               "weights": file_identity(inception.weights)})
+            path = cache_dir("reference") / f"adm-{key}.pt"
+            feats = None
+            if path.exists():
+                try:
+                    feats = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:  # a corrupt cache entry is recomputed
+                    path.unlink(missing_ok=True)
+            if feats is None:
+                if self.progress:
+                    print(f"computing the Inception features of the {len(ref['images'])} reference images "
+                          f"(cached at {path})", file=sys.stderr)
+                feats = inception.extract(ref["images"])
+                atomic_save(feats, path)
+            self._references["adm"] = (ref, feats)
+        return self._references["adm"]
 
     def reference(self, data_cfg) -> dict:
         key = fingerprint([reference_description(data_cfg, self.settings.reference_num),
@@ -146,16 +221,23 @@ class Evaluator:
         """Metrics of uint8 samples against the data's reference split (class accuracy when labels are known)."""
         if len(images) == 0:
             raise DataError("there are no samples to evaluate")
-        extractor, reference = self.extractor(data_cfg), self.reference(data_cfg)
         start = time.perf_counter()
-        feats = extractor.extract(images, progress=self.progress, desc="sample features")
-        metrics = feature_metrics(feats["features"], reference["features"], seed=self.settings.seed)
-        if labels is not None and "logits" in feats:
-            metrics["class_accuracy"] = class_accuracy(feats["logits"], labels)
+        feats = in_chunk_order([{i: self.features(chunk, data_cfg)
+                                 for i, chunk in enumerate(images.split(self.settings.batch_size))}])
+        metrics = self.metrics(feats, labels, data_cfg)
         metrics["feature_seconds"] = round(time.perf_counter() - start, 2)
         return metrics
 
     def describe(self, data_cfg) -> dict:
+        if self.settings.ref:
+            from zoo.eval.extractors import file_identity
+
+            ref, _ = self.adm_reference()
+            inception = self.extractor(data_cfg)
+            return {"extractor": "inception-adm", "extractor_weights": str(inception.weights),
+                    "extractor_id": file_identity(inception.weights),
+                    "reference": {"npz": str(Path(self.settings.ref).resolve()), "num": len(ref["images"]),
+                                  "statistics": "the npz's mu/sigma" if "mu" in ref else "computed from arr_0"}}
         extractor, reference = self.extractor(data_cfg), self.reference(data_cfg)
         out = {"extractor": extractor.short_name, "extractor_weights": str(extractor.weights),
                "extractor_id": extractor.identity["weights"],
@@ -171,29 +253,57 @@ class Evaluator:
 
         cfg = config_from_dict(ckpt_state["config"])
         settings = self.settings.resolved(cfg.sample, cfg.method)
-        key = fingerprint({"settings": settings.key_fields(), "extractor": self.extractor(cfg.data).identity,
-                           "reference": reference_description(cfg.data, settings.reference_num)})[:10]
+        if settings.ref:
+            from zoo.eval.extractors import file_identity
+
+            ref = {"ref": file_identity(Path(settings.ref)), "weights": file_identity(self.extractor(cfg.data).weights)}
+            key, name = fingerprint({"settings": settings.key_fields(), **ref})[:10], "adm"
+        else:
+            key = fingerprint({"settings": settings.key_fields(), "extractor": self.extractor(cfg.data).identity,
+                               "reference": reference_description(cfg.data, settings.reference_num)})[:10]
+            name = settings.extractor
         folder = Path(out_dir) if out_dir else run_dir_of(Path(ckpt_state["path"])) / "eval"
-        return folder / f"step_{ckpt_state['step']:07d}-{settings.extractor}-{key}.json"
+        return folder / f"step_{ckpt_state['step']:07d}-{name}-{key}.json"
 
     def evaluate_checkpoint(self, ckpt, out_dir=None, skip_existing: bool = True, grid_per_class: int = 8) -> dict:
         """Sample from a checkpoint, score the samples and save the record (and a sample grid) as JSON + PNG."""
-        from zoo.training.checkpoint import load_checkpoint
+        from zoo.config import config_from_dict
         from zoo.figures import save_grid
+        from zoo.training.checkpoint import load_checkpoint
         from zoo.training.generate import load_for_sampling
 
+        from zoo.training.distributed import barrier, gather_to_main
+
         state = load_checkpoint(ckpt)
+        cfg = config_from_dict(state["config"])
+        if self.proc.is_main:  # the main process builds what is missing (a judge to train) before the others read it
+            path = self.record_path(state, out_dir)
+        barrier(self.proc)
         path = self.record_path(state, out_dir)
         if skip_existing and path.exists():
             return json.loads(path.read_text())
         method, model, cfg, _ = load_for_sampling(state["path"], self.device, use_ema=self.settings.use_ema)
         settings = self.settings.resolved(cfg.sample, cfg.method)
         labels = balanced_labels(settings.num_samples, method.data.num_classes)
+        per_class = min(grid_per_class, settings.num_samples // method.data.num_classes)
+        grid_index = torch.arange(per_class * method.data.num_classes).view(per_class, -1).t().reshape(-1)
         start = time.perf_counter()
-        images = sample_uint8(method, model, labels, settings, self.device, self.progress,
-                              desc=f"sampling step {state['step']}")
-        sample_seconds = time.perf_counter() - start
-        metrics = self.score(images, labels, cfg.data)
+        feats, grid_rows, feature_seconds = {}, {}, 0.0
+        for number, chunk in sample_chunks(method, model, labels, settings, self.device, self.proc, self.progress,
+                                           desc=f"sampling step {state['step']}"):
+            begin = time.perf_counter()
+            feats[number] = self.features(chunk, cfg.data)
+            feature_seconds += time.perf_counter() - begin
+            first = number * settings.batch_size
+            grid_rows.update({i: chunk[i - first] for i in grid_index.tolist() if first <= i < first + len(chunk)})
+        parts = gather_to_main((feats, grid_rows), self.proc)
+        if not self.proc.is_main:
+            return None
+        sample_seconds = time.perf_counter() - start - feature_seconds  # the main process's
+        grid_rows = {i: image for _, rows in parts for i, image in rows.items()}
+        start = time.perf_counter()
+        metrics = self.metrics(in_chunk_order([f for f, _ in parts]), labels, cfg.data)
+        metrics["feature_seconds"] = round(feature_seconds + time.perf_counter() - start, 2)
         record = {"checkpoint": state["path"], "method": cfg.method, "step": state["step"],
                   "train_seed": cfg.train.seed, **dataclasses.asdict(settings), **self.describe(cfg.data),
                   "metrics": {k: v for k, v in metrics.items() if k != "feature_seconds"},
@@ -201,10 +311,9 @@ class Evaluator:
                   "device": str(self.device), "time": datetime.now().isoformat(timespec="seconds")}
         record["cfg_interval"] = list(record["cfg_interval"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        per_class = min(grid_per_class, settings.num_samples // method.data.num_classes)
         if per_class > 0:
-            order = torch.arange(per_class * method.data.num_classes).view(per_class, -1).t().reshape(-1)
-            grid = save_grid(images[order].float() / 127.5 - 1, path.with_name(path.stem + "-grid.png"), nrow=per_class,
+            images = torch.stack([grid_rows[i] for i in grid_index.tolist()])
+            grid = save_grid(images.float() / 127.5 - 1, path.with_name(path.stem + "-grid.png"), nrow=per_class,
                              scale=2 if images.shape[-1] <= 64 else 1)
             record["grid"] = str(grid)
         path.write_text(json.dumps(record, indent=2) + "\n")
@@ -244,6 +353,11 @@ def load_samples(path) -> tuple:
 
 def print_record(record: dict, file=sys.stdout) -> None:
     m = record["metrics"]
+    if "sfid" in m:
+        print(f"FID {m['fid']:.3f}, sFID {m['sfid']:.3f}, Inception Score {m['inception_score']:.2f}, "
+              f"precision {m['precision']:.3f}, recall {m['recall']:.3f} (ADM's evaluation, {record['extractor']})",
+              file=file)
+        return
     acc = f", class accuracy {m['class_accuracy']:.3f}" if "class_accuracy" in m else ""
     print(f"FID {m['fid']:.4f} ({record['extractor']}), KID {m['kid_mean']:.5f} +- {m['kid_std']:.5f}, "
           f"precision {m['precision']:.3f}, recall {m['recall']:.3f}{acc}", file=file)

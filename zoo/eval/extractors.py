@@ -167,6 +167,11 @@ def _existing(path, what: str, default_name: str, url: str) -> Path:
     return path
 
 
+def inception_weights(weights=None) -> Path:
+    """torch-fidelity's InceptionV3 file (the FID network): `weights`, or its default place in the zoo's cache."""
+    return _existing(weights, "InceptionV3 FID weights", INCEPTION_FILE, INCEPTION_URL)
+
+
 def build_extractor(name: str, weights=None, data_cfg=None, device="cpu", progress: bool = True) -> Extractor:
     """`judge` (default weights: the cached judge for `data_cfg`, trained on first use), `inception`,
     or `dinov2` / `dinov2-vit-{s,b,l,g}-14` (default weights: in zoo.cache.cache_dir("weights"))."""
@@ -183,8 +188,7 @@ def build_extractor(name: str, weights=None, data_cfg=None, device="cpu", progre
             weights = ensure_judge(data_cfg, progress=progress)
         return Extractor("judge", "zoo-judge", "judge", weights, device, with_logits=True)
     if name == "inception":
-        path = _existing(weights, "InceptionV3 FID weights", INCEPTION_FILE, INCEPTION_URL)
-        return Extractor("inception", "inception-v3-compat", "2048", path, device)
+        return Extractor("inception", "inception-v3-compat", "2048", inception_weights(weights), device)
     if name == "dinov2" or (name.startswith("dinov2-vit-") and name.split("-")[2] in DINOV2_TIMM):
         size = "b" if name == "dinov2" else name.split("-")[2]
         path = _existing(weights, f"DINOv2 ViT-{size.upper()}/14 weights", dinov2_file(size), dinov2_url(size))

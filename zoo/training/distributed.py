@@ -56,3 +56,13 @@ def all_gather_objects(obj, info: ProcessInfo) -> list:
 def barrier(info: ProcessInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def gather_to_main(obj, info: ProcessInfo):
+    """Every process's `obj` on the main process (a list by rank), None elsewhere: results too large to send
+    to every process (50K samples) go to the one that writes them."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -39,8 +39,10 @@ def class_grid_labels(num: int, num_classes: int) -> torch.Tensor:
 
 def iter_generate(method: Method, model: ZooModel, labels: torch.Tensor, *, sampler: str = "ode",
                   solver: str = "euler", steps: int = 32, cfg_scale: float = 1.0, cfg_interval=(0.0, 1.0),
-                  seed: int = 0, batch_size: int = 256, device=None, last_step: float = 0.0, **options):
-    """Images in [-1, 1] for `labels`, yielded one chunk of `batch_size` at a time (on the CPU).
+                  seed: int = 0, batch_size: int = 256, device=None, last_step: float = 0.0, chunks=None,
+                  **options):
+    """Images in [-1, 1] for `labels`, yielded one chunk of `batch_size` at a time (on the CPU); with `chunks`
+    (chunk numbers), only those: processes that share an evaluation each draw their own.
 
     Each chunk draws its noise from its own generator seeded by (seed, chunk), and the caller's RNG
     state is left untouched, so sampling during training does not change training. Yielding chunks
@@ -51,6 +53,8 @@ def iter_generate(method: Method, model: ZooModel, labels: torch.Tensor, *, samp
     guidance = Guidance(cfg_scale, *cfg_interval)
     forked = [device] if torch.device(device).type == "cuda" else []
     for i, chunk in enumerate(labels.split(batch_size)):
+        if chunks is not None and i not in chunks:
+            continue
         with torch.no_grad(), torch.random.fork_rng(devices=forked):
             gen = torch.Generator(device=device).manual_seed(seed * 100_003 + i)
             images = method.generate(model, chunk.to(device), integrator, guidance, gen, **options)

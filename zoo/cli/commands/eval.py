@@ -59,7 +59,7 @@ def settings_from(args, **fixed):
                         cfg_scale=args.cfg, cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
                         seed=args.seed, batch_size=args.batch_size, use_ema=not args.no_ema,
                         extractor=args.extractor, weights=args.weights, reference_num=args.reference_num,
-                        options=method_option_values(args), **fixed)
+                        options=method_option_values(args), ref=getattr(args, "ref", None), **fixed)
 
 
 def register(sub) -> None:
@@ -70,6 +70,10 @@ def register(sub) -> None:
     p.add_argument("--ckpt", help="a checkpoint file, or a run folder (its latest checkpoint)")
     p.add_argument("--samples", help="score these samples instead: a folder of PNG/JPEG or an ADM .npz")
     p.add_argument("--num-samples", type=int, default=500, help="samples to draw (default 500, class-balanced)")
+    p.add_argument("--ref", metavar="REF.npz",
+                   help="score the papers' way against an ADM reference batch (VIRTUAL_imagenet256_labeled.npz): "
+                        "FID, sFID, Inception Score, precision, recall with ADM's Inception layers (--weights: the "
+                        "InceptionV3 file); under torchrun the samples are shared among the processes")
     add_sampling_args(p, "the checkpoint's sample.* config")
     add_extractor_args(p)
     p.add_argument("--preset", default="tiny", help="with --samples and no --ckpt: whose data section is the reference")
@@ -88,11 +92,22 @@ def run(args: argparse.Namespace) -> int:
     from zoo.errors import ZooError
     from zoo.eval.evaluate import Evaluator, load_samples, print_record
 
+    from zoo.training.distributed import init_processes
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.ckpt and not args.samples:
         raise ZooError("zoo eval needs --ckpt CKPT (or --samples DIR|FILE.npz)")
-    evaluator = Evaluator(settings_from(args), device=args.device)
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise ZooError(f"--num-samples and --batch-size must be at least 1, got {args.num_samples} and {args.batch_size}")
+    proc = init_processes(args.device)
+    if proc.distributed and args.samples:
+        raise ZooError("scoring --samples runs in one process; torchrun shares out sampling from --ckpt only")
+    if args.ref:
+        from zoo.eval.adm import read_reference
+
+        read_reference(args.ref)  # a missing or malformed reference is named before any sampling
+    evaluator = Evaluator(settings_from(args), device=args.device, proc=proc)
     if args.samples and evaluator.settings.options:
         raise ZooError(f"{', '.join(evaluator.settings.options)}: a sampling option applies to sampling from --ckpt, "
                        f"not to scoring --samples")
@@ -112,11 +127,14 @@ def run(args: argparse.Namespace) -> int:
                   "metrics": {k: v for k, v in metrics.items() if k != "feature_seconds"}}
         if args.out_dir:
             path = Path(args.out_dir) / f"{Path(args.samples).stem}-{record['extractor']}.json"
+            record["metrics"] = {k: float(v) for k, v in record["metrics"].items()}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=2) + "\n")
             record["path"] = str(path)
     else:
         record = evaluator.evaluate_checkpoint(args.ckpt, out_dir=args.out_dir, skip_existing=False)
+        if record is None:  # not the main process: it drew its share of the samples
+            return 0
         print(f"{record['method']} step {record['step']}: {record['num_samples']} samples, {record['sampler']}"
               f"/{record['solver']} {record['steps']} steps, CFG {record['cfg_scale']} in {record['cfg_interval']}, "
               f"seed {record['seed']}" + "".join(f", --{k.replace('_', '-')} {v}" for k, v in record.get("options", {}).items()))
