@@ -59,13 +59,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "shapes"     # shapes (built in, generated from `seed`) | folder (one subfolder per class)
-    root: str = ""              # the image folder, for dataset=folder
+                                # | prepared (a store written by `zoo prepare dataset`: crops + VAE posteriors)
+    root: str = ""              # the image folder (dataset=folder) or the store (dataset=prepared)
     image_size: int = 32
     num_classes: int = 10       # shapes: number of classes used (<= 10); folder: checked against the folder
     num_images: int = 20000     # shapes: size of the generated training set
     seed: int = 0               # shapes: the generator's seed (the reference split uses another)
     hflip: bool = True          # random horizontal flips
-    num_workers: int = 0
+    num_workers: int = 0        # DataLoader workers for a folder or a store (0: batches gathered in this process)
     vae: str = ""               # "": diffuse pixels | builtin (zoo prepare vae) | a diffusers AutoencoderKL folder
 
 
