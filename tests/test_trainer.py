@@ -83,7 +83,7 @@ def test_corrupt_and_missing_checkpoints_are_named(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match=r"bad.pt is corrupt"):
+    with pytest.raises(CheckpointError, match=r"bad.pt is damaged: not a torch.save archive"):
         load_checkpoint(bad)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.ones(1)}, other)
@@ -299,9 +299,8 @@ def test_accumulating_micro_batches_makes_the_update_of_the_whole_batch(micro_cf
     assert halves.logs["grad_norm"] == pytest.approx(float(whole.logs["grad_norm"]), rel=1e-4)
     for (name, a), b in zip(whole.model.state_dict().items(), halves.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
-    with pytest.raises(ConfigError, match=r"train.accumulate=3 must divide the batch of each process \(8 images\)"):
-        bad = Trainer(micro_cfg("sit", "train.accumulate=3"), run_dir=None, progress=False)
-        bad.train_step(next(bad.loader.iterate(0)))
+    with pytest.raises(ConfigError, match=r"train.accumulate=3 must divide train.batch_size=8"):
+        micro_cfg("sit", "train.accumulate=3")  # refused when the config is resolved
 
 
 def test_tensorboard_gets_every_logged_value_and_the_sample_grids(micro_cfg, tmp_path):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from zoo.errors import ConfigError
+from zoo.validation import check_ranges
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ODE_SOLVER_NAMES = ("euler", "heun", "heun_trapezoid", "dopri5")   # sample.solver (zoo/flow/samplers.py)
@@ -107,6 +108,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     threads: int = 0            # CPU threads for torch; 0 keeps torch's default
+    divergence_factor: float = 100.0  # stop when a logged loss exceeds this many times its typical size (0: never)
 
 
 @dataclass
@@ -259,6 +261,7 @@ def load_config(method: Optional[str], overrides: Optional[list[str]] = None, pr
             cfg = _merge(cfg, section, f"{own_file} (presets.{name})")
     cfg = _merge(cfg, cli, "the command line")
     cfg.method, cfg.preset = method or "", preset
+    check_ranges(cfg)
     return cfg
 
 
@@ -305,7 +308,9 @@ def config_from_dict(data: dict) -> DictConfig:
 
 
 def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    return _merge(cfg, parse_overrides(overrides), "the command line")
+    cfg = _merge(cfg, parse_overrides(overrides), "the command line")
+    check_ranges(cfg)
+    return cfg
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -27,3 +27,7 @@ class DataError(ZooError):
 
 class TrainingDiverged(ZooError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class DiskFull(ZooError):
+    """A write failed because its disk is full; the message names the file and the free space."""

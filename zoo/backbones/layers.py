@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.errors import ConfigError
+
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
@@ -137,7 +139,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, input_size: int, patch: int, in_channels: int, hidden: int):
         super().__init__()
         if input_size % patch:
-            raise ValueError(f"input size {input_size} is not divisible by patch {patch}")
+            raise ConfigError(f"model.patch={patch} does not divide the diffusion state's size {input_size} "
+                              f"(the image, or its VAE latent): choose a divisor of {input_size}")
         self.patch, self.grid = patch, input_size // patch
         self.num_patches = self.grid ** 2
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)

@@ -39,6 +39,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused: a read-only folder, a full disk, a missing mount
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(exc: OSError) -> str:
+    import errno
+
+    where = exc.filename or "a file"
+    if exc.errno == errno.ENOSPC:
+        return f"the disk is full: writing {where} failed; free space there or write elsewhere (train.out_dir=...)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where}: {exc.strerror} (a read-only or foreign folder); write elsewhere (train.out_dir=...)"
+    return f"{where}: {exc.strerror or exc}"
 
 
 if __name__ == "__main__":

@@ -93,7 +93,13 @@ def _load_timm_weights(net, path: Path, **filter_kwargs) -> None:
     `checkpoint_filter_fn`, which also resamples the position embedding to the model's grid."""
     from timm.models import load_state_dict
 
-    state = load_state_dict(str(path), use_ema=False)
+    try:
+        state = load_state_dict(str(path), use_ema=False)
+    except Exception as exc:  # not a weights file at all (truncated, text, another format)
+        raise CheckpointError(f"encoder weights {path} are not a readable weights file ({type(exc).__name__}); "
+                              "fetch the file again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"encoder weights {path} hold a {type(state).__name__}, not a state dict")
     filter_fn = getattr(sys.modules[type(net).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, net, **filter_kwargs)
@@ -133,7 +139,11 @@ def build_dinov2(name: str, weights: str = "", grid: int = 16, *, random_init=Fa
         # the hub model interpolates its position embedding itself (any multiple of 14 px)
         net = torch.hub.load(str(path), f"dinov2_vit{size}14{'_reg' if reg else ''}", source="local",
                              pretrained=False)
-        net.load_state_dict(torch.load(found[0], map_location="cpu", weights_only=True))
+        try:
+            net.load_state_dict(torch.load(found[0], map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise CheckpointError(f"encoder weights {found[0]} cannot be read ({type(exc).__name__}); fetch the "
+                                  "file again") from None
         return DINOv2HubEncoder(name, net, grid, dim=net.embed_dim, weights=found[0], **common)
     net = timm.create_model(arch, pretrained=False, img_size=grid * 14, num_classes=0, **timm_overrides)
     if path is not None:

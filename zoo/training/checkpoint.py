@@ -6,8 +6,10 @@ over the final name, so a crash mid-write never leaves a truncated checkpoint be
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from zoo.errors import CheckpointError
+from zoo.errors import CheckpointError, DiskFull
 
 FORMAT = "repa-zoo/2"
 # Format 1 (before the official time embedding options and position table): its models cannot be rebuilt.
@@ -39,9 +41,16 @@ def atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        # torch.save reports a full disk as a RuntimeError of its zip writer ("... unexpected pos ...")
+        full = full or (isinstance(exc, RuntimeError) and ("unexpected pos" in str(exc) or "file write failed" in str(exc)))
+        if full:
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise DiskFull(f"the disk is full: writing {path} failed with {free:.0f} MiB free in {path.parent}; free "
+                           "space there or write elsewhere (train.out_dir=...)") from None
         raise
 
 
@@ -68,10 +77,37 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint file's archive, or None: torch.save writes a zip archive whose every entry
+    carries a CRC-32, so flipped bytes anywhere in the weights are found before they are trusted."""
+    if not zipfile.is_zipfile(path):
+        return "not a torch.save archive: truncated or foreign"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"its archive cannot be read ({type(exc).__name__})"
+    return f"the CRC of {bad} does not match its bytes" if bad else None
+
+
+def newest_intact(run_dir: Path, before: Path) -> Optional[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    older = sorted(((int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := CKPT_PATTERN.match(p.name))
+                    and p != before), reverse=True)
+    return next((p for _, p in older if damage(p) is None), None)
+
+
 def load_checkpoint(path) -> dict:
+    given = Path(path)
     path = resolve_checkpoint(path)
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is truncated or foreign
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch.save archive)")
+    problem = damage(path)
+    if problem:
+        hint = ""
+        if given.is_dir():
+            intact = newest_intact(given, path)
+            hint = (f"; the newest intact checkpoint of the run is {intact} (give that file to --resume)" if intact
+                    else "; the run has no intact earlier checkpoint")
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}{hint}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

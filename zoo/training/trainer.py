@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from zoo.training.checkpoint import FORMAT, atomic_save, checkpoint_path, load_model_weights
+from zoo.training.checkpoint import FORMAT, atomic_save, atomic_write, checkpoint_path, load_model_weights
 from zoo.config import to_dict, to_yaml
 from zoo.data import BatchLoader, build_dataset
 from zoo.training.distributed import ProcessInfo, all_gather_objects, barrier, init_processes
@@ -32,12 +32,19 @@ from zoo.training.generate import build_method, class_grid_labels, generate_from
 
 
 LR_SCHEDULES = ("constant", "cosine")
+WEIGHT_GROWTH = 10  # how many times its norm at the start the model may grow before a run counts as diverged
 
 
-def new_run_dir(cfg) -> Path:
+def new_run_dir(cfg, claim: bool = True) -> Path:
+    """The folder of a new run: train.run_name or <method>-<preset>-<time>, with -2, -3, ... when that one is taken.
+    `claim` locks it for this process at once (zoo/training/runlock.py); without, it is only the name it would get."""
+    from zoo.training.runlock import claim_new_run_dir
+
     name = cfg.train.run_name or f"{cfg.method}-{cfg.preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    if claim:
+        return claim_new_run_dir(cfg.train.out_dir, name)
     run_dir, n = Path(cfg.train.out_dir) / name, 1
-    while run_dir.exists() and any(run_dir.iterdir()):
+    while run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
         n += 1
         run_dir = Path(cfg.train.out_dir) / f"{name}-{n}"
     return run_dir
@@ -52,6 +59,14 @@ class Trainer:
         self.cfg, self.run_dir, self.progress = cfg, Path(run_dir) if run_dir else None, progress
         self.proc = proc or init_processes(cfg.train.device)
         self.device = self.proc.device
+        if self.proc.is_main and self.run_dir is not None:
+            from zoo.training.runlock import hold
+
+            hold(self.run_dir)  # one writer per run folder, from before anything is read or written
+        if resume is not None and resume["step"] > cfg.train.steps:
+            raise ConfigError(f"the run is at step {resume['step']}, past train.steps={cfg.train.steps}: resuming "
+                              f"would rewrite its final checkpoint; give train.steps above {resume['step']} to "
+                              "continue it")
         self.bf16 = self.configure_torch()
         if cfg.train.logger not in LOGGERS:
             raise ConfigError(f"train.logger={cfg.train.logger!r}; valid: {', '.join(LOGGERS)}")
@@ -65,6 +80,8 @@ class Trainer:
         self.optimizers, self.base_lr = self.build_optimizers()
         self.forward = self.wrap_for_processes()
         self.step = 0
+        self.start_step, self.start_weight_norm = 0, 0.0
+        self.loss_history: dict = {}  # each logged loss's recent magnitudes: what "far beyond its range" is measured by
         torch.manual_seed(cfg.train.seed * 1_000 + self.proc.rank + 1)  # per-process training noise
         if resume is not None:
             self.load_state(resume)
@@ -205,13 +222,52 @@ class Trainer:
         parts = ", ".join(f"{k}={v.item():.4g}" for k, v in values.items())
         raise self.diverged(f"the loss is not finite ({parts})")
 
-    def diverged(self, what: str) -> TrainingDiverged:
+    def check_health(self, logged: dict, remember: bool = True) -> None:
+        """Stop before a diverging run is checkpointed: a loss far beyond its own typical size (median of its recent
+        logged magnitudes, at least 1) is divergence even while it is finite (a loss of 1e6 becomes NaN a few
+        steps later, and a checkpoint written in between would not resume)."""
+        factor = self.cfg.train.divergence_factor
+        for key, value in logged.items():
+            if not key.startswith("loss"):
+                continue
+            if not math.isfinite(value):
+                raise self.diverged(f"the logged {key} is {value}", self.step)
+            history = self.loss_history.setdefault(key, [])
+            typical = max(1.0, sorted(history)[len(history) // 2]) if history else 1.0
+            if factor and abs(value) > factor * typical:
+                raise self.diverged(f"the logged {key} is {value:.4g}, over {factor:g} times its typical size "
+                                    f"{typical:.4g} (train.divergence_factor)", self.step)
+            if remember:
+                history.append(abs(value))
+                del history[:-50]
+
+    def weight_norm(self) -> float:
+        return math.sqrt(sum(float(p.detach().float().pow(2).sum()) for p in self.model.parameters()))
+
+    def check_weights(self) -> None:
+        """Weights that are not finite, or whose norm grew by more than WEIGHT_GROWTH since this process started
+        training, are never written to a checkpoint: an update blown up by a far too high learning rate moves every
+        weight by about the learning rate, while the loss can look sane for a step or two longer."""
+        for name, module in (("model", self.model), ("EMA", self.ema.module)):
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                raise self.diverged(f"the {name} weights are not finite", self.step)
+        start, norm = self.start_weight_norm, self.weight_norm()
+        if self.cfg.train.divergence_factor and start and norm > WEIGHT_GROWTH * start:
+            raise self.diverged(f"the weights' norm grew from {start:.4g} to {norm:.4g} (over {WEIGHT_GROWTH}x) "
+                                f"since step {self.start_step}", self.step)
+
+    def diverged(self, what: str, step: Optional[int] = None) -> TrainingDiverged:
+        """The error that stops a diverged run at `step` (default: the step being computed)."""
         from zoo.training.checkpoint import latest_checkpoint
 
         last = latest_checkpoint(self.run_dir) if self.run_dir else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        return TrainingDiverged(f"training stopped at step {self.step + 1}: {what}; {kept}. "
-                                f"Try a lower optim.lr, optim.grad_clip or train.precision=fp32.")
+        if last:
+            kept = (f"the last checkpoint, {last}, was written before it (its losses and weights were checked); "
+                    f"resume it with a lower learning rate: zoo train --resume {last} optim.lr=<lower>")
+        else:
+            kept = "no checkpoint had been written yet: start again with a lower optim.lr"
+        return TrainingDiverged(f"training stopped at step {step or self.step + 1}: {what}; {kept} (or optim.grad_clip, "
+                                "train.precision=fp32)")
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
@@ -237,6 +293,7 @@ class Trainer:
                 torch.cuda.set_rng_state(rngs[self.proc.rank]["cuda"], self.device)
 
     def save_checkpoint(self) -> Optional[Path]:
+        self.check_weights()
         state = self.state()  # every process joins the RNG gather
         path = None
         if self.proc.is_main and self.run_dir is not None:
@@ -270,10 +327,18 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         if self.proc.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self.remove_partial_files()
+            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(to_yaml(self.cfg).encode()))
             self.trim_metrics()
             record_start(self.run_dir, self.step, self.proc.world_size, str(self.device))
             self.logger = RunLogger(self.cfg.train.logger, self.run_dir, self.cfg)
+
+    def remove_partial_files(self) -> None:
+        """Temporary files of writes a killed process did not finish (this process holds the folder's lock, so
+        no other writer is mid-write)."""
+        for folder in (self.run_dir, self.run_dir / "checkpoints", self.run_dir / "samples"):
+            for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+                tmp.unlink(missing_ok=True)
 
     def trim_metrics(self) -> None:
         """Drop logged lines past the step training starts from: a run stopped after its last checkpoint
@@ -283,8 +348,8 @@ class Trainer:
             return
         lines = path.read_text().splitlines()
         kept = [line for line in lines if _logged_step(line) <= self.step]  # a half-written last line goes too
-        if len(kept) != len(lines):
-            path.write_text("".join(line + "\n" for line in kept))
+        if len(kept) != len(lines):  # rewritten whole or not at all: a kill here loses no history
+            atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
     def window_means(self, window: dict, steps: int) -> dict:
         """Each logged value's mean over the window's steps and, with several processes, over the processes (every
@@ -308,6 +373,7 @@ class Trainer:
         bar = tqdm(total=run.steps, initial=self.step, desc=self.cfg.method, unit="step",  # pragma: no mutate
                    dynamic_ncols=True, disable=not (self.progress and self.proc.is_main), mininterval=1.0)  # pragma: no mutate
         batches = self.loader.iterate(self.step)
+        self.start_step, self.start_weight_norm = self.step, self.weight_norm()
         window, start, last = {}, time.perf_counter(), {}
         window_start, window_steps = start, 0
         while self.step < run.steps:
@@ -323,9 +389,12 @@ class Trainer:
                         "steps_per_sec": window_steps / (now - window_start),
                         "images_per_sec": window_steps * run.batch_size / (now - window_start), "elapsed": now - start}
                 self.log(last)
+                self.check_health(last)
                 bar.set_postfix(loss=f"{last.get('loss', 0.0):.4f}", refresh=False)  # pragma: no mutate
                 window, window_start, window_steps = {}, now, 0
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < run.steps:
+                if window_steps:  # steps not logged yet: checked before they are saved
+                    self.check_health(self.window_means(window, window_steps), remember=False)
                 self.save_checkpoint()
             if run.sample_every and self.step % run.sample_every == 0 and self.step < run.steps:
                 self.sample_grid()
@@ -334,7 +403,10 @@ class Trainer:
         self.sample_grid()
         self.logger.close()
         if self.proc.is_main and self.run_dir is not None:
+            from zoo.training.runlock import release
+
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png")
+            release(self.run_dir)
         return last
 
 

@@ -1,6 +1,7 @@
 """`zoo train`: train a method (progress bar; a run folder with checkpoints, samples and metrics)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,13 +49,22 @@ def run(args) -> int:
         if not args.method:
             raise ZooError("zoo train needs --method (or --resume RUN)")
         cfg = config_of(args)
-        run_dir = new_run_dir(cfg)
+        main_process = os.environ.get("RANK", "0") == "0"  # under torchrun only the main process writes (and claims)
+        run_dir = new_run_dir(cfg, claim=main_process and not args.dry_run)
     if args.dry_run:
+        summary = parameter_summary(model_on_meta(cfg))  # first: a config that builds no model prints only the error
         print(to_yaml(cfg), end="")
-        print(f"# method: {cfg.method}; {parameter_summary(model_on_meta(cfg))}")
+        print(f"# method: {cfg.method}; {summary}")
         print(f"# would write to: {run_dir}" + (f" (resuming at step {resume['step']})" if resume else ""))
         return 0
-    trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    try:
+        trainer = Trainer(cfg, run_dir=run_dir, resume=resume)
+    except BaseException:
+        if resume is None:  # a new run that could not even start leaves no empty folder behind
+            from zoo.training.runlock import abandon
+
+            abandon(run_dir)
+        raise
     if trainer.proc.is_main:
         print(f"{cfg.method} ({cfg.preset}): {parameter_summary(trainer.model)}; run folder {run_dir}", file=sys.stderr)
     last = trainer.fit()
