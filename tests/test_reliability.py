@@ -11,7 +11,7 @@ import torch
 
 from zoo.cli import main
 from zoo.config import load_config
-from zoo.errors import CheckpointError, TrainingDiverged
+from zoo.errors import CheckpointError, DataError, TrainingDiverged
 from zoo.training.checkpoint import load_checkpoint
 from zoo.training.trainer import Trainer
 
@@ -228,3 +228,24 @@ def test_a_byte_flipped_checkpoint_is_refused_and_the_intact_one_named(tmp_path)
     assert f"the newest intact checkpoint of the run is {run / 'checkpoints' / 'step_0000002.pt'}" in out.stderr
     out = zoo("train", "--resume", str(run / "checkpoints" / "step_0000002.pt"), "train.steps=6")
     assert out.returncode == 0, out.stderr
+
+
+def test_data_verify_names_every_unreadable_image_before_the_first_step(tmp_path):
+    from test_store import write_imagenet_like
+
+    images = write_imagenet_like(tmp_path / "train")
+    (images / "n01440764" / "n01440764_8.JPEG").write_bytes(b"truncated")
+    cfg = load_config("sit", [*MICRO, "data.dataset=folder", f"data.root={images}", "data.num_classes=3",
+                              "data.verify=true", "train.batch_size=4"])
+    with pytest.raises(DataError, match=r"2 of the 14 images in \S+ cannot be read: cannot read image \S+_8.JPEG.*_9"):
+        Trainer(cfg, run_dir=None, progress=False)
+
+
+def test_a_seed_spread_below_the_tables_decimals_is_written_out():
+    """On the micro preset two seeds' FIDs differ by 1e-5 (their untrained samples all look alike to the judge): the
+    table must not print that as '± 0.0000', which reads as one seed run twice."""
+    from zoo.compare.report import cell
+
+    assert cell([1.5237009, 1.5236903]) == "1.5237 ± 5.3e-06"
+    assert cell([0.1, 0.1]) == "0.1000 ± 0.0000"
+    assert cell([0.5, 0.6]) == "0.5500 ± 0.0500"

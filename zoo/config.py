@@ -68,6 +68,7 @@ class DataConfig:
     seed: int = 0               # shapes: the generator's seed (the reference split uses another)
     hflip: bool = True          # random horizontal flips
     num_workers: int = 0        # DataLoader workers for a folder or a store (0: batches gathered in this process)
+    verify: bool = False        # folder: decode every image once before training, naming all unreadable ones
     vae: str = ""               # "": diffuse pixels | builtin (zoo prepare vae) | a diffusers AutoencoderKL folder
 
 

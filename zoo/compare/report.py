@@ -37,7 +37,11 @@ def mean(values) -> float:
 def cell(values) -> str:
     if len(values) == 1:
         return fmt(values[0])
-    return f"{fmt(mean(values))} ± {fmt((max(values) - min(values)) / 2)}"
+    spread = (max(values) - min(values)) / 2
+    # a spread the table's 4 decimals would show as 0.0000 is written out, so seeds that barely differ (the samples
+    # of an untrained model all look alike to the judge) do not read as one seed run twice
+    shown = fmt(spread) if spread == 0 or spread >= 5e-5 else f"{spread:.1e}"
+    return f"{fmt(mean(values))} ± {shown}"
 
 
 def steps_to_reach(curve: dict, target: float):

@@ -115,6 +115,10 @@ def build_dataset(data_cfg):
         return shapes_split(data_cfg)
     if data_cfg.dataset == "folder":
         dataset = ImageFolder(data_cfg.root, data_cfg.image_size)
+        if data_cfg.verify:
+            from zoo.data.folder import verify_images
+
+            verify_images(dataset, data_cfg.num_workers)
         if len(dataset.classes) != data_cfg.num_classes:
             raise ConfigError(f"data.num_classes={data_cfg.num_classes} but {data_cfg.root} has "
                               f"{len(dataset.classes)} class folders; set data.num_classes={len(dataset.classes)}")

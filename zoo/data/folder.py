@@ -63,3 +63,28 @@ class ImageFolder(torch.utils.data.Dataset):
         if flip:
             image = image.flip(-1)
         return {"image": image.float() / 127.5 - 1, "label": self.samples[index][1], "index": index, "flip": bool(flip)}
+
+
+_verified: set = set()  # folders already verified by this process (the dataset is built by several components)
+
+
+def verify_images(folder: ImageFolder, workers: int = 0, progress: bool = True) -> None:
+    """Decode every image of `folder` once; one DataError naming every unreadable file (data.verify=true), so a
+    corrupt image deep in a dataset stops a run before its first step rather than at an arbitrary one."""
+    from tqdm import tqdm
+
+    from zoo.data.store import CropsOf, _first
+
+    key = (str(folder.root.resolve()), folder.image_size)
+    if key in _verified:
+        return
+    loader = torch.utils.data.DataLoader(CropsOf(folder), batch_size=64, num_workers=workers, collate_fn=_first)
+    bad = []
+    with tqdm(total=len(folder), desc="verify", unit="img", disable=not progress, leave=False) as bar:
+        for items in loader:
+            bad += [error for _, _, error in items if error is not None]
+            bar.update(len(items))
+    if bad:
+        shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DataError(f"{len(bad)} of the {len(folder)} images in {folder.root} cannot be read: {shown}")
+    _verified.add(key)
