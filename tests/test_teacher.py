@@ -115,3 +115,25 @@ def test_prepare_teacher_command_reports_the_probe(tmp_path):
                           str(tmp_path / "t.pt")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "linear-probe accuracy on 100 held-out images" in out.stdout and (tmp_path / "t.pt").exists()
+
+
+def test_centred_tokens_remove_the_shared_direction_without_retraining(cfg):
+    """teacher.center_tokens subtracts the mean token of the training images (stored with the teacher): the centred
+    tokens no longer share one direction, the teacher is the same file, and the feature cache tells them apart."""
+    from zoo.data import shapes_split
+
+    path = ensure_teacher(cfg, progress=False)
+    _, record = load_teacher(path)
+    assert record["token_mean"].shape == (cfg.teacher.width,) and 0 <= record["token_mean_cosine"] <= 1
+    centred_cfg = load_config(None, [*MICRO, "teacher.center_tokens=true"])
+    assert default_teacher_path(centred_cfg.data, centred_cfg.teacher) == path  # no retraining
+    plain, centred = (build_encoders("builtin", "", grid=8, cfg=c, device="cpu")[0] for c in (cfg, centred_cfg))
+    images = shapes_split(cfg.data, num_images=64).images.float() / 127.5 - 1
+    with torch.no_grad():
+        a, b = plain(images), centred(images)
+    assert torch.allclose(b, a - record["token_mean"], atol=1e-5)
+    assert plain.identity() != centred.identity() and centred.identity()["centred"] is True
+    mean = a.flatten(0, 1).mean(0, keepdim=True)
+    shared = F.cosine_similarity(a.flatten(0, 1), mean).mean()
+    left = F.cosine_similarity(b.flatten(0, 1), mean).mean()
+    assert left.abs() < 0.5 * shared.abs()

@@ -128,7 +128,7 @@ class SampleConfig:
 @dataclass
 class TeacherConfig:
     """The built-in teacher encoder (zoo/teachers/builtin.py), used by aligning methods whose encoder is
-    `builtin`: a small ViT trained self-supervised on the run's data. Every field is part of its cache key."""
+    `builtin`: a small ViT trained self-supervised on the run's data. Every field but center_tokens is part of its cache key."""
     patch: int = 4              # 32x32 images -> an 8x8 token grid, the `tiny` SiT's
     width: int = 96             # token width D that projectors map to
     depth: int = 4
@@ -141,6 +141,7 @@ class TeacherConfig:
     seed: int = 4_242           # its own seed, unrelated to training runs and to the judge's
     num_images: int = 20000     # training images drawn from the data's training distribution
     probe_images: int = 2000    # train and held-out images of the linear probe that reports its quality
+    center_tokens: bool = False  # subtract the dataset's mean token (not part of the cache key: no retraining)
 
 
 @dataclass

@@ -117,8 +117,12 @@ def expander(width: int, dim: int) -> nn.Module:
                          nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
 
 
+USE_ONLY = ("center_tokens",)  # recipe fields that change how a trained teacher is used, not how it is trained
+
+
 def teacher_key(data_cfg, recipe) -> str:
-    return fingerprint({"teacher": dict(recipe), "data": data_identity(data_cfg), "format": TEACHER_FORMAT})
+    trained = {k: v for k, v in dict(recipe).items() if k not in USE_ONLY}
+    return fingerprint({"teacher": trained, "data": data_identity(data_cfg), "format": TEACHER_FORMAT})
 
 
 def default_teacher_path(data_cfg, recipe) -> Path:
@@ -163,6 +167,16 @@ def probe_accuracy(net: TeacherViT, data_cfg, num: int) -> float:
     return linear_probe(feats[:num], labels[:num], feats[num:], labels[num:])
 
 
+@torch.no_grad()
+def token_statistics(net: TeacherViT, images: Tensor) -> dict:
+    """The dataset's mean token and how much the tokens share its direction (the mean cosine of a token to the mean
+    token). Near 1, a projector satisfies most of REPA's cosine loss by predicting that one vector for every token."""
+    net.eval()
+    tokens = torch.cat([net(x.float() / 127.5 - 1) for x in images.split(250)]).flatten(0, 1)
+    mean = tokens.mean(0)
+    return {"token_mean": mean, "token_mean_cosine": float(F.cosine_similarity(tokens, mean[None], dim=1).mean())}
+
+
 def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
     """Train the teacher with the recipe (cfg.teacher) on the data's training distribution, save it with its probe."""
     from tqdm import tqdm
@@ -201,7 +215,9 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     seconds = round(time.perf_counter() - start, 1)
-    state = {"format": TEACHER_FORMAT, "recipe": recipe, "data": data_identity(data_cfg), "shape": shape,
+    probe_set = gather(dataset, torch.arange(min(len(dataset), 2000)), torch.zeros(min(len(dataset), 2000), dtype=torch.bool))
+    stats = token_statistics(net, ((probe_set["image"] + 1) * 127.5).round().to(torch.uint8))
+    state = {"format": TEACHER_FORMAT, "recipe": recipe, "data": data_identity(data_cfg), "shape": shape, **stats,
              "weights": net.state_dict(), "probe_accuracy": probe_accuracy(net, data_cfg, recipe["probe_images"]),
              "random_init_probe_accuracy": random_probe, "train_seconds": seconds, "key": teacher_key(data_cfg, recipe)}
     atomic_save(state, path)
@@ -230,19 +246,24 @@ class BuiltinTeacher(Encoder):
 
     name = "builtin"
 
-    def __init__(self, net: TeacherViT, record: dict, grid: int, path: Path):
+    def __init__(self, net: TeacherViT, record: dict, grid: int, path: Path, center: bool = False):
         super().__init__(grid)
         self.net, self.record, self.path = net, record, Path(path)
         self.dim, self.image_size = record["shape"]["width"], record["shape"]["image_size"]
+        self.center = center
+        if center:
+            self.register_buffer("token_mean", record["token_mean"].float(), persistent=False)
 
     def preprocess(self, images: Tensor) -> Tensor:
         return resize_images(images, self.image_size, "bilinear")
 
     def patch_tokens(self, pixels: Tensor) -> Tensor:
-        return self.net(pixels)
+        tokens = self.net(pixels)
+        return tokens - self.token_mean if self.center else tokens
 
     def identity(self) -> dict:
-        return {"name": self.name, "grid": self.grid, "teacher": self.record["key"], "path": str(self.path)}
+        out = {"name": self.name, "grid": self.grid, "teacher": self.record["key"], "path": str(self.path)}
+        return {**out, "centred": True} if self.center else out  # (a key only when on: old caches keep theirs)
 
 
 def _build(name: str, weights: str, grid: int, cfg) -> BuiltinTeacher:
@@ -251,7 +272,11 @@ def _build(name: str, weights: str, grid: int, cfg) -> BuiltinTeacher:
     if record["shape"]["width"] != cfg.teacher.width:
         raise ConfigError(f"the teacher in {path} is {record['shape']['width']} wide but teacher.width is "
                           f"{cfg.teacher.width}; set teacher.width={record['shape']['width']}")
-    return BuiltinTeacher(net, record, grid, path)
+    center = cfg.teacher.center_tokens
+    if center and "token_mean" not in record:
+        raise ConfigError(f"teacher.center_tokens=true needs the teacher's mean token, which {path} predates; "
+                          "train it again with `zoo prepare teacher --force`")
+    return BuiltinTeacher(net, record, grid, path, center)
 
 
 register_encoder("builtin", _build, lambda name, cfg: cfg.teacher.width)

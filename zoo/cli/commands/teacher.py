@@ -34,5 +34,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"teacher: {path}\nlinear-probe accuracy on {cfg.teacher.probe_images} held-out images: "
           f"{record['probe_accuracy']:.4f} (the same probe on a randomly initialised teacher: "
           f"{record['random_init_probe_accuracy']:.4f}); trained {record['recipe']['steps']} steps in "
-          f"{record['train_seconds']:.0f} s")
+          f"{record['train_seconds']:.0f} s" + (f"; mean cosine of a token to the mean token "
+                                                  f"{record['token_mean_cosine']:.3f}" if "token_mean_cosine" in record else ""))
     return 0
