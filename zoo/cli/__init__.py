@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     except OSError as exc:  # the file system refused: a read-only folder, a full disk, a missing mount
         print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # only a command that imported torch can have started processes
+            from zoo.training.distributed import end_processes
+
+            end_processes()
 
 
 def os_error_line(exc: OSError) -> str:

@@ -45,6 +45,14 @@ def init_processes(device_name: str = "auto") -> ProcessInfo:
     return ProcessInfo(rank, world, local, device)
 
 
+def end_processes() -> None:
+    """Close the process group before the interpreter exits. Left to interpreter teardown, a finished process's
+    gloo group can abort it (SIGABRT, "terminate called without an active exception") while the main process
+    is still scoring, and torchrun then kills the whole job."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_gather_objects(obj, info: ProcessInfo) -> list:
     if not info.distributed:
         return [obj]
