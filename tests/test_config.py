@@ -113,3 +113,18 @@ def test_an_unknown_preset_or_base_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo.config, "PRESET_DIR", tmp_path)
     with pytest.raises(ConfigError, match=r"unknown preset 'missing' \(the base of 'child'\)"):
         load_config("sit", [], "child")
+
+
+def test_the_quick_preset_is_tiny_at_16_pixels_with_16_tokens_each_narrower_than_the_model():
+    """quick keeps tiny's model and data and changes what makes it cheap: 16 px at patch 4 is a 4x4 grid, and a
+    token's 4*4*3 = 48 values stay below the 128-wide model (patch 8 at 32 px, 192 values, does not learn)."""
+    from zoo.training.generate import build_method
+
+    quick, tiny = load_config("sit", preset="quick"), load_config("sit")
+    assert (quick.model.size, quick.model.patch, quick.data.num_images) == (tiny.model.size, 4, tiny.data.num_images)
+    assert (quick.data.image_size, quick.train.batch_size, quick.train.steps, quick.flow.time) == (16, 128, 2000,
+                                                                                                   "logit_normal")
+    with torch.device("meta"):
+        model = build_method(quick).build_model()
+    sit = model.backbone
+    assert sit.x_embedder.num_patches == 16 and 4 * 4 * 3 < sit.hidden_size

@@ -189,3 +189,26 @@ def test_eval_and_export_npz_end_to_end(tmp_path, tiny_judge, zoo_cache):
 def test_prepare_lists_the_judge():
     out = zoo("prepare", "--help")
     assert out.returncode == 0 and "judge" in out.stdout
+
+
+def test_the_final_grid_is_scored_by_the_judge_when_asked(tmp_path, tiny_judge, monkeypatch):
+    """sample.judge=true: the run's last grid gets the judge's class accuracy, the same number as scoring those
+    samples again; real images with their labels score as the judge's own held-out accuracy does, shuffled ones low."""
+    import zoo.eval.judge as judge
+    from zoo.eval.reference import reference_images
+    from zoo.training.generate import class_grid_labels, generate_from_config
+    from zoo.training.trainer import Trainer, judge_accuracy
+
+    monkeypatch.setattr(judge, "ensure_judge", lambda data_cfg: tiny_judge)
+    cfg = load_config("sit", [*MICRO, "train.steps=2", "sample.num=20", "sample.judge=true"])
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False)
+    trainer.fit()
+    labels = class_grid_labels(20, 10)
+    again = generate_from_config(trainer.method, trainer.ema.module, labels, cfg.sample, device="cpu")
+    assert trainer.grid_accuracy == judge_accuracy(cfg.data, again, labels)
+    images, real = reference_images(cfg.data, 200)
+    pixels = images.float() / 127.5 - 1
+    own = judge.load_judge(tiny_judge)[1]["reference_accuracy"]
+    assert judge_accuracy(cfg.data, pixels, real) == pytest.approx(own, abs=0.05) and own > 0.25  # chance 0.10
+    assert judge_accuracy(cfg.data, pixels, (real + 1) % 10) < 0.2
+    assert Trainer(load_config("sit", [*MICRO, "train.steps=1", "sample.num=10"]), progress=False).grid_accuracy is None

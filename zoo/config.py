@@ -123,6 +123,7 @@ class SampleConfig:
     num: int = 64               # images in the grids written during training
     seed: int = 0
     use_ema: bool = True
+    judge: bool = False         # print the judge's class accuracy of the final grid (the judge is trained once per dataset)
 
 
 @dataclass

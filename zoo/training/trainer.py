@@ -71,6 +71,7 @@ class Trainer:
         if cfg.train.logger not in LOGGERS:
             raise ConfigError(f"train.logger={cfg.train.logger!r}; valid: {', '.join(LOGGERS)}")
         self.logger = RunLogger("jsonl", None, cfg)   # the chosen backend opens with the run folder (fit)
+        self.grid_accuracy: Optional[float] = None     # the judge's reading of the final grid (sample.judge=true)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         self.method = build_method(cfg)
         self.set_up_method()
@@ -303,7 +304,7 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ outputs
-    def sample_grid(self) -> Optional[Path]:
+    def sample_grid(self, final: bool = False) -> Optional[Path]:
         sampling = self.cfg.sample
         if not self.proc.is_main or self.run_dir is None or sampling.num <= 0:
             return None
@@ -316,6 +317,8 @@ class Trainer:
         per_row = max(1, sampling.num // self.method.data.num_classes)
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
         self.logger.image("samples", path, self.step)
+        if final and sampling.judge:
+            self.grid_accuracy = judge_accuracy(self.cfg.data, images, labels)
         return path
 
     def log(self, record: dict) -> None:
@@ -400,7 +403,7 @@ class Trainer:
                 self.sample_grid()
         bar.close()
         self.save_checkpoint()
-        self.sample_grid()
+        self.sample_grid(final=True)
         self.logger.close()
         if self.proc.is_main and self.run_dir is not None:
             from zoo.training.runlock import release
@@ -415,3 +418,12 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def judge_accuracy(data_cfg, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The judge's class accuracy of generated images in [-1, 1], rounded to 8 bits as `zoo eval` scores them."""
+    from zoo.eval.judge import accuracy, ensure_judge, load_judge
+
+    judge, _ = load_judge(ensure_judge(data_cfg))
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+    return accuracy(judge, pixels.float().cpu(), labels.cpu())

@@ -71,4 +71,9 @@ def run(args) -> int:
     if trainer.proc.is_main:
         loss = f"; final loss {last['loss']:.4f}" if "loss" in last else ""
         print(f"done: {trainer.step} steps{loss}; checkpoints, samples and metrics in {run_dir}")
+        if trainer.grid_accuracy is not None:
+            sampling = trainer.cfg.sample
+            print(f"final grid ({sampling.num} samples, CFG {sampling.cfg_scale:g}): the judge gives "
+                  f"{trainer.grid_accuracy:.2f} of them their row's class (chance "
+                  f"{1 / trainer.method.data.num_classes:.2f}; real images about 1.00)")
     return 0
