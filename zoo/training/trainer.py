@@ -71,6 +71,7 @@ class Trainer:
         if cfg.train.logger not in LOGGERS:
             raise ConfigError(f"train.logger={cfg.train.logger!r}; valid: {', '.join(LOGGERS)}")
         self.logger = RunLogger("jsonl", None, cfg)   # the chosen backend opens with the run folder (fit)
+        self.last_grid = None                          # (images, labels) of the latest sample grid
         self.grid_accuracy: Optional[float] = None     # the judge's reading of the final grid (sample.judge=true)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every process
         self.method = build_method(cfg)
@@ -304,7 +305,7 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ outputs
-    def sample_grid(self, final: bool = False) -> Optional[Path]:
+    def sample_grid(self) -> Optional[Path]:
         sampling = self.cfg.sample
         if not self.proc.is_main or self.run_dir is None or sampling.num <= 0:
             return None
@@ -317,8 +318,7 @@ class Trainer:
         per_row = max(1, sampling.num // self.method.data.num_classes)
         path = save_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=per_row, scale=2)
         self.logger.image("samples", path, self.step)
-        if final and sampling.judge:
-            self.grid_accuracy = judge_accuracy(self.cfg.data, images, labels)
+        self.last_grid = (images, labels)
         return path
 
     def log(self, record: dict) -> None:
@@ -403,7 +403,9 @@ class Trainer:
                 self.sample_grid()
         bar.close()
         self.save_checkpoint()
-        self.sample_grid(final=True)
+        self.sample_grid()
+        if self.cfg.sample.judge and self.last_grid is not None:
+            self.grid_accuracy = judge_accuracy(self.cfg.data, *self.last_grid)
         self.logger.close()
         if self.proc.is_main and self.run_dir is not None:
             from zoo.training.runlock import release
