@@ -197,7 +197,8 @@ def test_the_final_grid_is_scored_by_the_judge_when_asked(tmp_path, tiny_judge, 
     import zoo.eval.judge as judge
     from zoo.eval.reference import reference_images
     from zoo.training.generate import class_grid_labels, generate_from_config
-    from zoo.training.trainer import Trainer, judge_accuracy
+    from zoo.eval.judge import judge_accuracy
+    from zoo.training.trainer import Trainer
 
     monkeypatch.setattr(judge, "ensure_judge", lambda data_cfg: tiny_judge)
     cfg = load_config("sit", [*MICRO, "train.steps=2", "sample.num=20", "sample.judge=true"])

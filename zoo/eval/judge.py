@@ -160,3 +160,12 @@ def ensure_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), progress: bool =
         print(f"training the evaluation network (judge) for this data once; it is cached at {path}", file=sys.stderr)
         train_judge(data_cfg, recipe, path, progress)
     return path
+
+
+def judge_accuracy(data_cfg, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The cached judge's class accuracy of generated images in [-1, 1], read from the same 8-bit pixels
+    `zoo eval` scores."""
+    from zoo.eval.evaluate import to_uint8_nchw
+
+    net, _ = load_judge(ensure_judge(data_cfg))
+    return accuracy(net, to_uint8_nchw(images).cpu().float() / 127.5 - 1, labels.cpu())

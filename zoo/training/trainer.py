@@ -405,6 +405,8 @@ class Trainer:
         self.save_checkpoint()
         self.sample_grid()
         if self.cfg.sample.judge and self.last_grid is not None:
+            from zoo.eval.judge import judge_accuracy
+
             self.grid_accuracy = judge_accuracy(self.cfg.data, *self.last_grid)
         self.logger.close()
         if self.proc.is_main and self.run_dir is not None:
@@ -420,12 +422,3 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-def judge_accuracy(data_cfg, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """The judge's class accuracy of generated images in [-1, 1], rounded to 8 bits as `zoo eval` scores them."""
-    from zoo.eval.judge import accuracy, ensure_judge, load_judge
-
-    judge, _ = load_judge(ensure_judge(data_cfg))
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
-    return accuracy(judge, pixels.float().cpu(), labels.cpu())
