@@ -44,6 +44,9 @@ class LayerSync(Method):
     def hidden_layers(self) -> tuple:
         return (self.options.shallow_block, self.options.deep_block)
 
+    def used(self) -> dict:
+        return {**super().used(), "teacher": f"own block {self.options.deep_block}, detached"}
+
     def extra_losses(self, model, state, ctx) -> dict:
         o = self.options
         hidden = state.output.hidden

@@ -107,6 +107,9 @@ class REPAE(REPA):
     def state_shape(self) -> tuple:
         return latent_shape(self.cfg, self.options.vae)
 
+    def used(self) -> dict:
+        return {**super().used(), "space": f"latents of repa_e.vae={self.options.vae}, tuned end to end"}
+
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)  # REPA's teachers and feature caches
         if training:  # the pretrained VAE the model starts from; sampling reads the tuned one from the checkpoint

@@ -70,6 +70,9 @@ class SRA(Method):
     def hidden_layers(self) -> tuple:
         return (self.options.student_block,)
 
+    def used(self) -> dict:
+        return {**super().used(), "teacher": f"own EMA, block {self.options.teacher_block} at a lower noise level"}
+
     def teacher_time(self, t: torch.Tensor) -> torch.Tensor:
         """t' = max(t - U(0, max_gap), 0): a less noisy time for the teacher (t' <= t <= 1)."""
         return (t - self.options.max_gap * torch.rand_like(t)).clamp(min=0)

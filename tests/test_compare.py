@@ -72,6 +72,7 @@ def test_two_method_comparison_writes_consistent_outputs_and_resumes(tmp_path, t
             fids = [records[(method, seed, step)]["metrics"]["fid"] for seed in (0, 1)]
             assert cell(fids) in line
     assert "Differences larger than the seed spread" in table
+    assert f"| sit | {run_config(comparison(out, tiny_judge, ['sit']), 'sit', 0).flow.time} | none | pixels |" in table
 
     # a second invocation finds everything done: no training, no sampling
     from zoo.training.trainer import Trainer
@@ -157,3 +158,20 @@ def test_progress_counts_only_the_comparisons_own_records(tmp_path, tiny_judge, 
     (tmp_path / "cmp" / "samples_sit.png").unlink()
     run_comparison(comp)
     assert (tmp_path / "cmp" / "samples_sit.png").stat().st_size > 0
+
+
+def test_each_row_says_what_its_method_used():
+    """Method.used(): the time distribution, the teacher (built-in with its recipe, a named encoder, or the model
+    itself) and the space, read from each method's own config."""
+    from zoo.config import load_config
+    from zoo.training.generate import build_method
+
+    used = {m: build_method(load_config(m, o, "micro")).used() for m, o in [
+        ("sit", []), ("repa", ["teacher.center_tokens=true"]), ("sra", []), ("layersync", []),
+        ("repa_e", [])]}
+    assert used["sit"] == {"time": load_config("sit", [], "micro").flow.time, "teacher": "none", "space": "pixels"}
+    steps = load_config("repa", [], "micro").teacher.steps
+    assert used["repa"]["teacher"] == f"builtin ViT ({steps} steps, centred)"
+    assert used["sra"]["teacher"].startswith("own EMA, block ") and used["layersync"]["teacher"].startswith("own block")
+    assert used["repa_e"]["space"].startswith("latents of repa_e.vae=") and used["repa_e"]["teacher"].startswith("builtin")
+    assert build_method(load_config("sit", ["data.vae=builtin"], "micro")).used()["space"] == "latents (data.vae=builtin)"

@@ -137,3 +137,20 @@ def test_centred_tokens_remove_the_shared_direction_without_retraining(cfg):
     shared = F.cosine_similarity(a.flatten(0, 1), mean).mean()
     left = F.cosine_similarity(b.flatten(0, 1), mean).mean()
     assert left.abs() < 0.5 * shared.abs()
+
+
+def test_constant_prediction_cosine_is_the_best_mean_cosine_one_vector_reaches():
+    """The statistic equals the mean cosine of the tokens to the direction of their mean unit vector, and no other
+    constant does better (checked against random directions); one shared direction gives 1, opposite pairs 0."""
+    from zoo.teachers.builtin import constant_prediction_cosine
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(500, 6, generator=gen) + torch.tensor([2.0, 0, 0, 0, 0, 0])
+    best = torch.nn.functional.normalize(tokens, dim=1).mean(0)
+    direct = torch.nn.functional.cosine_similarity(tokens, best[None], dim=1).mean()
+    assert abs(constant_prediction_cosine(tokens) - direct.item()) < 1e-6
+    others = torch.randn(200, 6, generator=gen)
+    cos = torch.nn.functional.cosine_similarity(tokens[:, None], others[None], dim=2).mean(0)
+    assert cos.max() < direct
+    assert abs(constant_prediction_cosine(torch.ones(4, 3) * torch.arange(1, 5.)[:, None]) - 1) < 1e-6
+    assert constant_prediction_cosine(torch.tensor([[1.0, 0], [-1.0, 0]])) < 1e-6

@@ -56,6 +56,7 @@ class RunResult:
     parameters: int
     backbone_parameters: int
     ms_per_step: float
+    used: dict = field(default_factory=dict)  # Method.used(): time distribution, teacher, diffusion space
 
 
 def _log(message: str) -> None:
@@ -96,6 +97,12 @@ def parameter_counts(cfg) -> tuple:
     with torch.device("meta"):
         model = build_method(cfg).build_model()
     return count_parameters(model), count_parameters(model.backbone)
+
+
+def method_used(cfg) -> dict:
+    from zoo.training.generate import build_method
+
+    return build_method(cfg).used()
 
 
 def prepare_method(cfg, device) -> None:
@@ -211,7 +218,8 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
         train_run(cfg, run_dir, label)
         records = evaluate_run(comp, evaluator, run_dir, label)
         params, backbone = parameter_counts(cfg)
-        results.append(RunResult(method, seed, run_dir, records, params, backbone, step_time_ms(run_dir)))
+        results.append(RunResult(method, seed, run_dir, records, params, backbone, step_time_ms(run_dir),
+                                 method_used(cfg)))
     files = write_report(comp, results, base_cfg, evaluator.describe(base_cfg.data),
                          wall_seconds=time.perf_counter() - start)
     _log("wrote " + ", ".join(str(p) for p in files.values()))

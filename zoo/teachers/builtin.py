@@ -174,7 +174,16 @@ def token_statistics(net: TeacherViT, images: Tensor) -> dict:
     net.eval()
     tokens = torch.cat([net(x.float() / 127.5 - 1) for x in images.split(250)]).flatten(0, 1)
     mean = tokens.mean(0)
-    return {"token_mean": mean, "token_mean_cosine": float(F.cosine_similarity(tokens, mean[None], dim=1).mean())}
+    return {"token_mean": mean, "token_mean_cosine": float(F.cosine_similarity(tokens, mean[None], dim=1).mean()),
+            "centred_constant_cosine": constant_prediction_cosine(tokens - mean)}
+
+
+def constant_prediction_cosine(tokens: Tensor) -> float:
+    """The best mean cosine similarity that one constant vector reaches against every token [M, D]: the length of
+    the mean unit token (the constant is its direction). It is what REPA's projector earns by ignoring its input,
+    so it says how much of the loss a target leaves to learn; for centred tokens the mean cosine to the mean token
+    is undefined (the mean is zero) and this is the measure that stays meaningful."""
+    return float(F.normalize(tokens, dim=1).mean(0).norm())
 
 
 def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:

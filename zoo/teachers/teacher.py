@@ -74,6 +74,14 @@ class Teacher:
         if mode == "always" or cacheable(dataset):
             self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
 
+    def describe(self) -> str:
+        """The teacher in a few words, for the comparison table: its encoders, and whether the built-in one is
+        centred and how long it was trained (its cache key changes with the recipe, so the table must say it)."""
+        names = [n.strip() for n in self.options.encoder.split(",")]
+        recipe = self.cfg.teacher
+        return ", ".join(f"builtin ViT ({recipe.steps} steps{', centred' if recipe.center_tokens else ''})"
+                         if n == "builtin" else n for n in names)
+
     def tokens(self, batch: dict) -> list:
         """y*: each encoder's patch tokens of the clean (possibly flipped) images, cached or computed now."""
         if self.caches:

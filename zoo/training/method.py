@@ -190,6 +190,14 @@ class Method:
 
             self.vae = load_vae(self.cfg).to(self.device).eval().requires_grad_(False)
 
+    def used(self) -> dict:
+        """What this method's row of `zoo compare` says it used: the training-time distribution, the teacher and the
+        space it diffuses in. The default reads them from the config and from a `teacher` attribute (the shared
+        `Teacher` component); a method whose teacher or space is its own overrides it."""
+        teacher = getattr(self, "teacher", None)
+        return {"time": self.cfg.flow.time, "teacher": teacher.describe() if hasattr(teacher, "describe") else "none",
+                "space": f"latents (data.vae={self.cfg.data.vae})" if self.cfg.data.vae else "pixels"}
+
     def token_grid(self) -> int:
         """Side of the backbone's token grid (the state's side / model.patch): what a teacher's tokens are matched to."""
         return self.state_shape()[-1] // self.cfg.model.patch

@@ -35,5 +35,7 @@ def run(args: argparse.Namespace) -> int:
           f"{record['probe_accuracy']:.4f} (the same probe on a randomly initialised teacher: "
           f"{record['random_init_probe_accuracy']:.4f}); trained {record['recipe']['steps']} steps in "
           f"{record['train_seconds']:.0f} s" + (f"; mean cosine of a token to the mean token "
-                                                  f"{record['token_mean_cosine']:.3f}" if "token_mean_cosine" in record else ""))
+                                                  f"{record['token_mean_cosine']:.3f}" if "token_mean_cosine" in record else "")
+          + (f"; the best cosine a constant reaches on the centred tokens (teacher.center_tokens=true) "
+             f"{record['centred_constant_cosine']:.3f}" if "centred_constant_cosine" in record else ""))
     return 0
