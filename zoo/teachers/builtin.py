@@ -23,7 +23,8 @@ budget learns markedly faster (probe 0.42 vs 0.34 after 150 steps); its output i
 `patch` x `patch` cell (8x8 for 32 px images), the grid REPA aligns to.
 Its quality is reported as the accuracy of a linear probe on its pooled tokens, on held-out images,
 beside the same probe on a randomly initialised copy: with the default recipe (400 steps of 128 images,
-305 s on 2 CPU threads) it is 0.48 on 2,000 held-out shapes (chance 0.10) against 0.17 at random init.
+305 s on 2 CPU threads) it is 0.48 on 2,000 held-out shapes (chance 0.10) against 0.17 at random init; the
+`quick` preset's (16 px, 16 tokens per image, so 3000 steps cost about 9 minutes) reaches 0.92.
 """
 from __future__ import annotations
 
