@@ -65,14 +65,19 @@ class Teacher:
                 raise ConfigError(f"{self.owner}'s teacher needs the images, and the store {self.cfg.data.root} holds "
                                   "only latents (--no-images): prepare it again without --no-images")
         self.device = torch.device(device)
-        self.encoders = build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid,
-                                       cfg=self.cfg, device=self.device)
+        self.encoders = self.load_encoders()
         mode = self.options.feature_cache
         if mode == "never":
             return
         dataset = build_dataset(self.cfg.data)
         if mode == "always" or cacheable(dataset):
             self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
+
+    def load_encoders(self) -> list:
+        """The frozen encoders on `self.device`, before any cache is built from them: a subclass may wrap them (REG
+        puts each one's class token before its patch tokens, methods/reg.py), and the cache then holds what they return."""
+        return build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid, cfg=self.cfg,
+                              device=self.device)
 
     def tokens(self, batch: dict) -> list:
         """y*: each encoder's patch tokens of the clean (possibly flipped) images, cached or computed now."""
