@@ -279,8 +279,7 @@ class REG(Method):
         for old, new in renames.items():
             state.update({new + k[len(old):]: v for k, v in head.items() if k.startswith(old)})
         projector_state, unused = take({k: official[k] for k in unused}, "projectors.", "extras.projectors.")
-        backbone = prefixed({k: v for k, v in state.items()}, "backbone.")
-        return {**backbone, **projector_state}, unused
+        return {**prefixed(state, "backbone."), **projector_state}, unused
 
 
 def with_mean_token(tokens: Tensor) -> Tensor:
