@@ -65,8 +65,7 @@ class Teacher:
                 raise ConfigError(f"{self.owner}'s teacher needs the images, and the store {self.cfg.data.root} holds "
                                   "only latents (--no-images): prepare it again without --no-images")
         self.device = torch.device(device)
-        self.encoders = build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid,
-                                       cfg=self.cfg, device=self.device)
+        self.encoders = self.load_encoders()
         mode = self.options.feature_cache
         if mode == "never":
             return
@@ -81,6 +80,12 @@ class Teacher:
         recipe = self.cfg.teacher
         return ", ".join(f"builtin ViT ({recipe.steps} steps{', centred' if recipe.center_tokens else ''})"
                          if n == "builtin" else n for n in names)
+
+    def load_encoders(self) -> list:
+        """The frozen encoders on `self.device`, before any cache is built from them: a subclass may wrap them (REG
+        puts each one's class token before its patch tokens, methods/reg.py), and the cache then holds what they return."""
+        return build_encoders(self.options.encoder, self.options.encoder_weights, grid=self.grid, cfg=self.cfg,
+                              device=self.device)
 
     def tokens(self, batch: dict) -> list:
         """y*: each encoder's patch tokens of the clean (possibly flipped) images, cached or computed now."""
