@@ -132,3 +132,34 @@ def test_from_official_reads_the_linear_token_embedding(trained_micro):
 def test_bad_options_name_the_key(micro_cfg, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_method(micro_cfg("svg", *overrides))
+
+
+def test_hinge_and_adaptive_gan_weight_against_transcriptions():
+    from zoo.latents.residual_autoencoder import adaptive_gan_weight, hinge_d_loss
+
+    real, fake = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([-2.0, 0.3, 1.0])
+    expected = 0.5 * (torch.tensor([0.5, 0.0, 2.0]).mean() + torch.tensor([0.0, 1.3, 2.0]).mean())
+    assert torch.allclose(hinge_d_loss(real, fake), expected)
+    w = torch.randn(4, 3, requires_grad=True)
+    x = torch.randn(5, 4)
+    rec, g = (x @ w).abs().mean(), -(x @ w).pow(2).mean()
+    gr, gg = torch.autograd.grad(rec, w, retain_graph=True)[0], torch.autograd.grad(g, w, retain_graph=True)[0]
+    weight = adaptive_gan_weight(rec, g, w, 0.5)
+    assert not weight.requires_grad
+    assert torch.allclose(weight, 0.5 * (gr.norm() / (gg.norm() + 1e-4)).clamp(0, 1e4))
+
+
+def test_the_gan_term_changes_the_trained_autoencoder(trained_micro, tmp_path):
+    """gan_start=0 puts the generator term in from the first step: the trained decoder differs from the one without."""
+    from types import SimpleNamespace
+
+    from zoo.latents.residual_autoencoder import recipe_dict, train_residual_autoencoder
+
+    method = trained_micro
+    decoders = []
+    for weight in (0.0, 0.5):
+        recipe = SimpleNamespace(**{**recipe_dict(method.options), "gan_weight": weight, "gan_start": 0, "ae_steps": 2})
+        path = train_residual_autoencoder(recipe, method.teacher.encoders[0], method.cfg.data, method.data.image_size,
+                                          method.grid(), tmp_path / f"ae-{weight}.pt", {}, progress=False)
+        decoders.append(torch.load(path, weights_only=True)["weights"]["decoder.conv_out.weight"])
+    assert not torch.allclose(decoders[0], decoders[1])

@@ -142,4 +142,4 @@ def test_shifted_sampling_equals_the_official_sampler(svg, run):
     field = method.velocity_field(model, i["ys"], Guidance(float(cfg)), sampler=sampler)
     with torch.no_grad():
         out = sampler.sample(field, to_zoo(i["noise"]), method.path)
-    assert_close(out, to_zoo(DIT["outputs"]["samples"][run]), tol=2e-5, what=run)
+    assert_close(out, to_zoo(DIT["outputs"]["samples"][run]), what=run)

@@ -7,8 +7,8 @@ convolutional decoder back to pixels (SVG, Shi et al. 2025).
     x^ = Dec(z)                                          a conv decoder (ResNet blocks, self-attention at low
                                                          resolutions, nearest upsampling + conv)
 
-Only R, the mask token and Dec are trained, on L1 (+ LPIPS when its weights are on disk): the teacher stays
-frozen, so the latent keeps its semantics. `match` gives the residual channels the teacher's overall mean and
+Only R, the mask token and Dec are trained, on L1 (+ LPIPS when its weights are on disk, + a hinge PatchGAN on
+VQGAN's adaptive weight from step `gan_start`): the teacher stays frozen, so the latent keeps its semantics. `match` gives the residual channels the teacher's overall mean and
 spread (one scalar each, from the batch being encoded, both detached), so that neither part dominates the
 other's scale. While training, each image's residual channels are replaced by a learned mask token with
 probability `mask_ratio`, so the decoder learns to rely on the teacher part too.
@@ -61,6 +61,10 @@ class ResidualAutoencoderRecipe:
     ae_beta2: float = 0.9
     perceptual_weight: float = 0.0      # LPIPS weight (SVG: 1.0); > 0 needs lpips_weights
     lpips_weights: str = ""             # a folder with LPIPS-VGG's weights (zoo/latents/lpips.py)
+    gan_weight: float = 0.0             # the hinge PatchGAN's weight on the adaptive scale (SVG: disc_weight 0.5); 0: none
+    gan_start: int = 5001               # autoencoder step from which the GAN terms count (SVG: disc_start 5001)
+    disc_channels: int = 64             # the PatchGAN discriminator's base width (SVG: 64, 3 layers)
+    disc_layers: int = 3
     ae_num_images: int = 20000
     ae_stats_images: int = 2000            # training images the latent's per-channel mean and std are measured on
     ae_seed: int = 6_161
@@ -255,6 +259,38 @@ class ResidualAutoencoder(nn.Module):
         return state * self.latent_std + self.latent_mean
 
 
+class PatchDiscriminator(nn.Sequential):
+    """The PatchGAN of pix2pix / taming-transformers: 4x4 convs, stride 2 for the first `layers`, BatchNorm and
+    LeakyReLU(0.2) between, one logit per patch; initialised N(0, 0.02) (BatchNorm weights N(1, 0.02))."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        widths = [channels * min(2 ** i, 8) for i in range(layers + 1)]
+        mods = [nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(1, layers + 1):
+            mods += [nn.Conv2d(widths[i - 1], widths[i], 4, 2 if i < layers else 1, 1, bias=False),
+                     nn.BatchNorm2d(widths[i]), nn.LeakyReLU(0.2)]
+        super().__init__(*mods, nn.Conv2d(widths[-1], 1, 4, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+
+def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """The discriminator's hinge loss: (mean relu(1 - D(x)) + mean relu(1 + D(x^))) / 2."""
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def adaptive_gan_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, scale: float) -> Tensor:
+    """scale * ||d rec / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4] and detached, W the decoder's last
+    layer: the GAN's gradient at the output brought to the reconstruction's size (VQGAN's adaptive weight)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * scale
+
+
 # ---------------------------------------------------------------- training and the cache
 def recipe_dict(recipe) -> dict:
     """The recipe's fields (from the dataclass or a method's config section) as plain values."""
@@ -293,7 +329,8 @@ def reconstruction_psnr(ae: ResidualAutoencoder, teacher, images: Tensor, batch_
 def train_residual_autoencoder(recipe, teacher, data_cfg, image_size: int, grid: int, path, identity: dict,
                                device="cpu", progress: bool = True) -> Path:
     """Adam (betas 0.5, 0.9) on the residual ViT, the mask token and the decoder: L = |x^ - x|_1 (mean) +
-    perceptual_weight * LPIPS(x^, x); the teacher stays frozen. Then the latent's per-channel statistics on the
+    perceptual_weight * LPIPS(x^, x), plus from step gan_start the hinge PatchGAN's generator term on the adaptive
+    weight (the discriminator updated after each step, same optimizer settings); the teacher stays frozen. Then the latent's per-channel statistics on the
     training images and the reconstruction PSNR on held-out ones; saved atomically with its recipe."""
     from tqdm import tqdm
 
@@ -313,19 +350,32 @@ def train_residual_autoencoder(recipe, teacher, data_cfg, image_size: int, grid:
 
         lpips = load_lpips(r.lpips_weights).to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=r.ae_lr, betas=(r.ae_beta1, r.ae_beta2))
+    disc = disc_opt = None
+    if r.gan_weight > 0:
+        disc = PatchDiscriminator(r.disc_channels, r.disc_layers).to(device)
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=r.ae_lr, betas=(r.ae_beta1, r.ae_beta2))
     gen, start = torch.Generator().manual_seed(r.ae_seed), time.perf_counter()
     bar = tqdm(range(r.ae_steps), desc="residual autoencoder", unit="step", disable=not progress, dynamic_ncols=True,
                mininterval=1.0)
     ae.train()
-    for _ in bar:
+    for step in bar:
         index = torch.randint(len(dataset), (r.ae_batch_size,), generator=gen)
         images = gather(dataset, index, torch.rand(r.ae_batch_size, generator=gen) < 0.5)["image"].to(device)
         recon = ae.decode(ae.latent(teacher(images), images))
         l1 = (recon - images).abs().mean()
-        loss = l1 + (r.perceptual_weight * lpips(recon, images).mean() if lpips is not None else 0.0)
+        rec = l1 + (r.perceptual_weight * lpips(recon, images).mean() if lpips is not None else 0.0)
+        gan_on = disc is not None and step >= r.gan_start
+        loss = rec
+        if gan_on:  # the generator's term: -D(x^), on the adaptive scale
+            g_loss = -disc(recon).mean()
+            loss = rec + adaptive_gan_weight(rec, g_loss, ae.decoder.conv_out.weight, r.gan_weight) * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if gan_on:  # then the discriminator, on the same images and the detached reconstructions
+            disc_opt.zero_grad(set_to_none=True)
+            hinge_d_loss(disc(images), disc(recon.detach())).backward()
+            disc_opt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", refresh=False)
     bar.close()
     num = min(len(dataset), r.ae_stats_images)
