@@ -87,7 +87,7 @@ def test_conv_decoder_equals_the_latent_diffusion_decoder():
     decoder.load_state_dict(redraw(AE["shapes"]["decoder"], AE["weights"]["decoder_seed"]))
     z = torch.randn(2, 24, 8, 8, generator=torch.Generator().manual_seed(AE["inputs"]["z_seed"]))
     with torch.no_grad():
-        assert_close(decoder.eval()(z), AE["outputs"]["decoded"], tol=1e-4, what="decoded images")
+        assert_close(decoder.eval()(z), AE["outputs"]["decoded"], what="decoded images")
 
 
 # ---------------------------------------------------------------- the diffusion model
