@@ -135,9 +135,9 @@ class SVG(Method):
         key = autoencoder_key(self.options, {**encoder.identity(), "latent_grid": self.grid()}, data_identity(self.cfg.data))
         return cache_dir("svg") / f"autoencoder-{key}.pt"
 
-    def prepare_autoencoder(self, retrain: bool = False) -> tuple[Path, dict]:
-        """(the autoencoder's file, its record): trained first when missing or `retrain` (`zoo prepare
-        latent-autoencoder`), on the training images, through the frozen teacher."""
+    def prepare_autoencoder(self, retrain: bool = False) -> Path:
+        """The autoencoder's file: trained first when missing or `retrain` (`zoo prepare latent-autoencoder`), on the
+        training images, through the frozen teacher."""
         encoder = self._encoder()
         path = self.autoencoder_path(encoder)
 
@@ -147,13 +147,12 @@ class SVG(Method):
 
         if retrain:
             train(path)
-        ensure_residual_autoencoder(path, train, "training SVG's residual encoder and decoder for this teacher and "
-                                                 "data once; it is cached at {path}")
-        return path, load_residual_autoencoder(path, PREPARE_COMMAND)[1]
+        return ensure_residual_autoencoder(path, train, "training SVG's residual encoder and decoder for this teacher "
+                                                        "and data once; it is cached at {path}")
 
     def load_autoencoder(self):
-        path, _ = self.prepare_autoencoder()
-        ae, record = load_residual_autoencoder(path, PREPARE_COMMAND)
+        path = self.prepare_autoencoder()
+        ae, _ = load_residual_autoencoder(path, PREPARE_COMMAND)
         if ae.channels != self.state_shape()[0] or ae.grid != self.grid():
             raise ConfigError(f"the autoencoder in {path} makes {ae.channels}x{ae.grid}x{ae.grid} latents, but this "
                               f"config needs {'x'.join(map(str, self.state_shape()))}: train it for this config "

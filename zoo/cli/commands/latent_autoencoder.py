@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         users = [name for name, cls in available_methods().items() if hasattr(cls, "prepare_autoencoder")]
         raise ConfigError(f"method {args.method!r} has no latent autoencoder; methods that do: {', '.join(users) or 'none'}")
     method.device = pick_device(args.device)
-    path, record = method.prepare_autoencoder(retrain=args.force)
+    path = method.prepare_autoencoder(retrain=args.force)
+    record = torch.load(path, map_location="cpu", weights_only=True)
     c, g, _ = method.state_shape()
     held_out = f"{record['held_out_psnr']:.2f} dB on 1000 held-out images, " if "held_out_psnr" in record else ""
     print(f"latent autoencoder: {path}\nlatent {c}x{g}x{g}; reconstruction PSNR {held_out}{record['train_psnr']:.2f} dB "
