@@ -104,6 +104,15 @@ class SamplingOption:
         return self.flag.lstrip("-").replace("-", "_")
 
 
+@dataclass
+class PrepareTarget:
+    """A `zoo prepare NAME` target that a method brings (a helper it trains once and caches). The command builds the
+    method from `--preset` and overrides and calls `run(method, args)`; args has force, out, device and threads."""
+    name: str
+    help: str
+    run: Callable[["Method", Any], int]
+
+
 @dataclass(frozen=True)
 class DataInfo:
     channels: int
@@ -290,6 +299,11 @@ class Method:
     def loss_terms(self, model: ZooModel, batch: dict, ctx: TrainContext) -> dict:
         """The default phase's loss function: `losses` of the `noised` batch (override those two, not this)."""
         return self.losses(model, self.noised(model, batch), ctx)
+
+    @classmethod
+    def prepare_targets(cls) -> list:
+        """`zoo prepare` targets this method brings, as `PrepareTarget`s (zoo/cli/commands/method_prepare.py)."""
+        return []
 
     # ---------------------------------------------------------------- sampling
     @classmethod
