@@ -160,11 +160,22 @@ class DiTDH(nn.Module):
         return BackboneOutput(unpatchify(self.final_layer(tokens, s), 1, self.out_channels), hidden)
 
 
-FIXED_OFFICIAL_BUFFERS = ("pos_embed", "enc_feat_rope.", "dec_feat_rope.")
+ROPE_TABLES = ("enc_feat_rope.", "dec_feat_rope.")
 
 
 def official_ddt_head_state(official: dict) -> tuple[dict, list]:
-    """The official `DiTwDDTHead` state dict as DiTDH's (the same names) and the keys left unused: the fixed position
-    and RoPE tables, which DiTDH recomputes (and which equal the official ones, tests/official/test_golden_rae.py)."""
-    state = {k: v for k, v in official.items() if not k.startswith(FIXED_OFFICIAL_BUFFERS)}
-    return state, [k for k in official if k.startswith(FIXED_OFFICIAL_BUFFERS)]
+    """The official `DiTwDDTHead` state dict as DiTDH's (the same names) and the keys left unused. Its fixed position
+    table and RoPE tables are checked against the ones DiTDH computes and dropped (nothing is loaded for them)."""
+    from zoo.backbones.official import check_position_table
+    from zoo.errors import CheckpointError
+
+    if "pos_embed" in official:
+        check_position_table(official["pos_embed"])
+    for prefix in ROPE_TABLES:
+        if f"{prefix}freqs_cos" in official:
+            cos = official[f"{prefix}freqs_cos"]
+            rope = EvaRoPE2D(cos.shape[1], int(round(cos.shape[0] ** 0.5)))
+            if (rope.freqs_cos - cos).abs().max() > 1e-5 or (rope.freqs_sin - official[f"{prefix}freqs_sin"]).abs().max() > 1e-5:
+                raise CheckpointError(f"the checkpoint's {prefix}freqs_* are not the 2D RoPE tables of EVA's layout")
+    fixed = lambda key: key == "pos_embed" or key.startswith(ROPE_TABLES)  # noqa: E731
+    return {k: v for k, v in official.items() if not fixed(k)}, []
