@@ -29,7 +29,7 @@ from zoo.flow.guidance import guided
 from zoo.flow.samplers import AdaptiveODE, EulerODE, HeunODE, time_grid
 from zoo.teachers import build_encoders, encoder_dims, split_list
 from zoo.teachers.teacher import Teacher, TeacherOptions
-from zoo.training.method import Method, PrepareTarget
+from zoo.training.method import Method
 from zoo.training.registry import register
 
 DECODER_COMMAND = "zoo prepare rae-decoder"
@@ -114,6 +114,7 @@ class RAE(Method):
     description = "RAE: diffusion in a frozen encoder's normalised tokens (DiT^DH, shifted t), a trained ViT decoder"
     config_class = RAEConfig
     reads_store_latents = False     # the latent is the encoder's tokens of the store's images, not a VAE's
+    prepare_targets = {"rae-decoder": "train RAE's token decoder (and the latent statistics) on a preset's data"}
 
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
@@ -280,10 +281,8 @@ class RAE(Method):
         state, unused = official_ddt_head_state(official)
         return prefixed(state, "backbone."), unused
 
-    @classmethod
-    def prepare_targets(cls) -> list:
-        return [PrepareTarget("rae-decoder", "train RAE's token decoder (and latent statistics) on a preset's data",
-                              prepare_decoder)]
+    def prepare(self, target: str, args) -> int:
+        return prepare_decoder(self, args)
 
 
 def prepare_decoder(method: RAE, args) -> int:

@@ -196,6 +196,14 @@ def test_bad_settings_are_one_clear_line(override, key):
         build_method(micro_config("rae", [override]))
 
 
+def test_its_prepare_target_is_read_from_the_source_as_the_class_declares_it():
+    from zoo.training.registry import available_methods, prepare_target_summaries
+
+    summaries = prepare_target_summaries()
+    assert summaries["rae-decoder"] == ("rae", available_methods()["rae"].prepare_targets["rae-decoder"])
+    assert summaries == {t: (n, h) for n, cls in available_methods().items() for t, h in cls.prepare_targets.items()}
+
+
 def test_prepare_trains_the_decoder_once_and_a_run_reads_it(tmp_path, capsys):
     out = tmp_path / "decoder.pt"
     assert main(["prepare", "rae-decoder", "--preset", "micro", "--out", str(out), "--device", "cpu"]) == 0
