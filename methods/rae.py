@@ -202,9 +202,10 @@ class RAE(Method):
 
         encoder = self._encoder()
         path = Path(out) if out else self.decoder_file(encoder)
-        if retrain or out or not self.options.decoder:
-            train = lambda: self.train_decoder(encoder, path)  # noqa: E731
-            train() if (retrain or out) else ensure_token_decoder(path, train, "RAE token decoder")
+        if retrain or out:
+            self.train_decoder(encoder, path)
+        elif not self.options.decoder:   # the cache: trained once, on first use
+            ensure_token_decoder(path, lambda: self.train_decoder(encoder, path), "RAE token decoder")
         return load_token_latents(path, self.decoder_identity(encoder), DECODER_COMMAND)[0]
 
     def train_decoder(self, encoder, path: Path) -> Path:
@@ -239,6 +240,10 @@ class RAE(Method):
 
         return train_token_decoder(self.decoder_recipe(), self.decoder_identity(encoder), self.token_dim(), o.grid,
                                    cfg.data.image_size, draw, held_out, path, self.device)
+
+    def unaveraged(self) -> tuple:
+        """The fixed Gaussian frequencies of the time embedding are copied, not averaged (they never change)."""
+        return ("backbone.t_embedder.W",)
 
     def encode(self, model, batch: dict) -> Tensor:
         """The clean state: the teacher's tokens of the images (cached when the data allows), normalised."""

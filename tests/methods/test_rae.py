@@ -215,3 +215,10 @@ def test_prepare_trains_the_decoder_once_and_a_run_reads_it(tmp_path, capsys):
     other = build_method(micro_config("rae", [f"rae.decoder={out}", "data.seed=5"]))
     with pytest.raises(ConfigError, match="trained for"):
         other.setup("cpu", training=False)
+
+
+def test_dit_dh_xl_on_dinov2_b_tokens_has_the_papers_839m_parameters():
+    with torch.device("meta"):
+        net = DiTDH(input_size=16, in_channels=768, num_classes=1000, hidden=1152, depth=28, heads=16,
+                    head_hidden=2048, head_depth=2, head_heads=16)
+    assert sum(p.numel() for p in net.parameters()) == 838_380_628
