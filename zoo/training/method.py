@@ -141,6 +141,9 @@ class Method:
     # Whether training from a prepared store reads its latents (and so needs data.vae, the VAE that wrote them).
     # A method that encodes the store's images with a VAE of its own (REPA-E) reads only the images.
     reads_store_latents: ClassVar[bool] = True
+    # `zoo prepare` targets this method brings, {target: help} (a helper it trains once and caches), built by
+    # `prepare`. A literal dict of strings: `zoo prepare --help` reads it from the source without importing torch.
+    prepare_targets: ClassVar[dict] = {}
 
     def __init__(self, cfg, data_info: DataInfo):
         if cfg.data.dataset == "prepared" and self.reads_store_latents and cfg.data.vae in ("", "builtin"):
@@ -298,6 +301,10 @@ class Method:
     def loss_terms(self, model: ZooModel, batch: dict, ctx: TrainContext) -> dict:
         """The default phase's loss function: `losses` of the `noised` batch (override those two, not this)."""
         return self.losses(model, self.noised(model, batch), ctx)
+
+    def prepare(self, target: str, args) -> int:
+        """Build the `zoo prepare` target `target` of `prepare_targets` (args: force, out, device, threads)."""
+        raise NotImplementedError(f"{self.name} declares no zoo prepare target {target!r}")
 
     # ---------------------------------------------------------------- sampling
     @classmethod

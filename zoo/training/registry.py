@@ -96,3 +96,31 @@ def _registered_in(source: str) -> tuple[dict, bool]:
         else:
             complete = False
     return found, complete
+
+
+def prepare_target_summaries() -> dict[str, tuple[str, str]]:
+    """{target: (method, help)} of every method's `prepare_targets`, read from the source of the built-in methods
+    without importing them (as `method_summaries`); entry-point methods, or a built-in one whose targets are not a
+    literal dict, are imported."""
+    spec = importlib.util.find_spec("methods")
+    found, readable = {}, True
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for path in sorted(Path(folder).glob("[!_]*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ClassDef) or not any(
+                        isinstance(d, ast.Name) and d.id == "register" for d in node.decorator_list):
+                    continue
+                values = {target.id: stmt.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                          for target in stmt.targets if isinstance(target, ast.Name)}
+                if "prepare_targets" not in values:
+                    continue
+                try:
+                    targets, name = ast.literal_eval(values["prepare_targets"]), ast.literal_eval(values["name"])
+                    found.update({target: (name, str(text)) for target, text in dict(targets).items()})
+                except (ValueError, KeyError, TypeError):
+                    readable = False
+    if not readable or list(entry_points(group=ENTRY_POINT_GROUP)):
+        return {target: (name, text) for name, cls in available_methods().items()
+                for target, text in cls.prepare_targets.items()}
+    return dict(sorted(found.items()))
+
