@@ -12,7 +12,7 @@ See docs/methods/svg.md.
                                              (t = 1 is noise); SVG trains with s = 0.4 and samples with s = 0.15
 
 The autoencoder (residual ViT + decoder) is trained once, before the diffusion model and without it, on the run's
-data and teacher, and cached (`zoo prepare latent-autoencoder --method svg`, or on first use); it is frozen and
+data and teacher, and cached (`zoo prepare svg-autoencoder`, or on first use); it is frozen and
 lives on the method, like a VAE: `encode` and `decode` are the seams. The backbone is the zoo's SiT at patch 1.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from zoo.teachers.teacher import Teacher, TeacherOptions
 from zoo.training.method import Method
 from zoo.training.registry import register
 
-PREPARE_COMMAND = "zoo prepare latent-autoencoder --method svg"
+PREPARE_COMMAND = "zoo prepare svg-autoencoder"
 
 
 @dataclass
@@ -90,6 +90,7 @@ class SVG(Method):
     description = "SVG: diffusion on a frozen teacher's features plus trained residual channels, no VAE"
     config_class = SVGConfig
     config_file = Path(__file__).resolve().parents[1] / "configs" / "svg.yaml"
+    prepare_targets = {"svg-autoencoder": "train SVG's residual encoder and decoder on a preset's data and teacher"}
 
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
@@ -136,7 +137,7 @@ class SVG(Method):
         return cache_dir("svg") / f"autoencoder-{key}.pt"
 
     def prepare_autoencoder(self, retrain: bool = False) -> Path:
-        """The autoencoder's file: trained first when missing or `retrain` (`zoo prepare latent-autoencoder`), on the
+        """The autoencoder's file: trained first when missing or `retrain` (`zoo prepare svg-autoencoder`), on the
         training images, through the frozen teacher."""
         encoder = self._encoder()
         path = self.autoencoder_path(encoder)
@@ -149,6 +150,22 @@ class SVG(Method):
             train(path)
         return ensure_residual_autoencoder(path, train, "training SVG's residual encoder and decoder for this teacher "
                                                         "and data once; it is cached at {path}")
+
+    def prepare(self, target: str, args) -> int:
+        """`zoo prepare svg-autoencoder`: train the autoencoder once (cached, or at --out) and print its PSNR."""
+        import shutil
+
+        self.device = torch.device(args.device)
+        path = self.prepare_autoencoder(retrain=args.force)
+        if args.out:
+            shutil.copyfile(path, args.out)  # the cache's file, so svg.autoencoder=OUT uses the same weights
+        record = torch.load(path, map_location="cpu", weights_only=True)
+        c, g, _ = self.state_shape()
+        held_out = f"{record['held_out_psnr']:.2f} dB on 1000 held-out images, " if "held_out_psnr" in record else ""
+        print(f"svg autoencoder: {args.out or path}\nlatent {c}x{g}x{g}; reconstruction PSNR {held_out}"
+              f"{record['train_psnr']:.2f} dB on training images; trained {record['recipe']['ae_steps']} steps in "
+              f"{record['train_seconds']:.0f} s")
+        return 0
 
     def load_autoencoder(self):
         path = self.prepare_autoencoder()

@@ -163,3 +163,18 @@ def test_the_gan_term_changes_the_trained_autoencoder(trained_micro, tmp_path):
                                           method.grid(), tmp_path / f"ae-{weight}.pt", {}, progress=False)
         decoders.append(torch.load(path, weights_only=True)["weights"]["decoder.conv_out.weight"])
     assert not torch.allclose(decoders[0], decoders[1])
+
+
+def test_zoo_prepare_svg_autoencoder_trains_once_and_writes_the_file_a_run_reads(tmp_path, capsys):
+    from zoo.cli import main
+    from zoo.config import load_config
+    from zoo.training.registry import prepare_target_summaries
+
+    assert prepare_target_summaries()["svg-autoencoder"][0] == "svg"
+    out = tmp_path / "ae.pt"
+    assert main(["prepare", "svg-autoencoder", "--preset", "micro", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and out.exists()
+    method = build_method(load_config("svg", ["preset=micro", f"svg.autoencoder={out}"]))
+    method.device = torch.device("cpu")
+    assert method.load_autoencoder().channels == method.state_shape()[0]
