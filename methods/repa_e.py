@@ -27,6 +27,7 @@ from zoo.teachers.alignment import repa_loss
 from zoo.errors import ConfigError
 from zoo.training.method import Phase, Term
 from zoo.training.registry import register
+from zoo.latents.discriminator import PatchDiscriminator, hinge_loss
 from zoo.latents.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
 
 
@@ -46,32 +47,6 @@ class REPAEConfig(REPAConfig):
     disc_lr: float = 1e-4
     bn_eps: float = 1e-4
     bn_momentum: float = 0.1
-
-
-class PatchDiscriminator(nn.Sequential):
-    """PatchGAN (pix2pix, taming): strided 4x4 convolutions with BatchNorm and LeakyReLU, one logit per patch.
-
-    Initialised as taming's `weights_init` (REPA-E's): convolution weights N(0, 0.02), BatchNorm scales
-    N(1, 0.02) and shifts 0; the biases of the first and last convolution keep PyTorch's default."""
-
-    def __init__(self, channels: int = 64, layers: int = 3):
-        mods, c = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)], channels
-        for i in range(1, layers + 1):
-            out = channels * min(2 ** i, 8)
-            mods += [nn.Conv2d(c, out, 4, 2 if i < layers else 1, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2)]
-            c = out
-        super().__init__(*mods, nn.Conv2d(c, 1, 4, 1, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-
-def hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """The discriminator's hinge loss 0.5 * (E relu(1 - D(x)) + E relu(1 + D(x_rec))) (taming, REPA-E)."""
-    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
 
 @contextlib.contextmanager

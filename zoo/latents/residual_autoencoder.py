@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError
+from zoo.latents.discriminator import PatchDiscriminator, hinge_loss
 
 AUTOENCODER_FORMAT = "repa-zoo-residual-autoencoder/1"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -259,30 +260,6 @@ class ResidualAutoencoder(nn.Module):
         return state * self.latent_std + self.latent_mean
 
 
-class PatchDiscriminator(nn.Sequential):
-    """The PatchGAN of pix2pix / taming-transformers: 4x4 convs, stride 2 for the first `layers`, BatchNorm and
-    LeakyReLU(0.2) between, one logit per patch; initialised N(0, 0.02) (BatchNorm weights N(1, 0.02))."""
-
-    def __init__(self, channels: int = 64, layers: int = 3):
-        widths = [channels * min(2 ** i, 8) for i in range(layers + 1)]
-        mods = [nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2)]
-        for i in range(1, layers + 1):
-            mods += [nn.Conv2d(widths[i - 1], widths[i], 4, 2 if i < layers else 1, 1, bias=False),
-                     nn.BatchNorm2d(widths[i]), nn.LeakyReLU(0.2)]
-        super().__init__(*mods, nn.Conv2d(widths[-1], 1, 4, 1, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-
-def hinge_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
-    """The discriminator's hinge loss: (mean relu(1 - D(x)) + mean relu(1 + D(x^))) / 2."""
-    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
-
-
 def adaptive_gan_weight(rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, scale: float) -> Tensor:
     """scale * ||d rec / d W|| / (||d g / d W|| + 1e-4), clamped to [0, 1e4] and detached, W the decoder's last
     layer: the GAN's gradient at the output brought to the reconstruction's size (VQGAN's adaptive weight)."""
@@ -374,7 +351,7 @@ def train_residual_autoencoder(recipe, teacher, data_cfg, image_size: int, grid:
         opt.step()
         if gan_on:  # then the discriminator, on the same images and the detached reconstructions
             disc_opt.zero_grad(set_to_none=True)
-            hinge_d_loss(disc(images), disc(recon.detach())).backward()
+            hinge_loss(disc(images), disc(recon.detach())).backward()
             disc_opt.step()
         bar.set_postfix(l1=f"{l1.item():.4f}", refresh=False)
     bar.close()
