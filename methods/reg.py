@@ -27,19 +27,18 @@ from zoo.backbones.sit import BackboneOutput, SiT, architecture, resolve_size
 from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance
 from zoo.teachers import Encoder, match_grid, split_list
-from zoo.teachers.alignment import projectors, repa_loss
-from zoo.teachers.teacher import Teacher, TeacherOptions
-from zoo.training.method import Method, NoisyBatch, SamplingOption, Term
+from zoo.teachers.alignment import repa_loss
+from methods.repa import REPA, REPAConfig
+from zoo.teachers.teacher import Teacher
+from zoo.training.method import NoisyBatch, SamplingOption, Term
 from zoo.training.registry import register
 
 CLASS_TOKENS = ("auto", "cls", "mean")
 
 
 @dataclass
-class REGConfig(TeacherOptions):    # exactly one encoder; the paper: dinov2-vit-b
-    encoder_depth: int = 8          # k: align the output of block k (8 for SiT-L/XL, 4 for SiT-B)
-    projector_dim: int = 2048       # hidden width of the MLP projector
-    proj_coeff: float = 0.5         # lambda (official --proj-coeff)
+class REGConfig(REPAConfig):        # exactly one encoder; the paper: dinov2-vit-b. REPA's encoder_depth,
+                                    # projector_dim and proj_coeff (lambda, official --proj-coeff), then REG's own
     class_weight: float = 0.03      # lambda_c: weight of the class token's velocity loss (official --cls)
     class_token: str = "auto"       # what serves as c: cls (the encoder's CLS token) | mean (the mean of its patch
                                     # tokens) | auto (cls where the encoder has one, else mean: the built-in teacher)
@@ -149,10 +148,11 @@ class ClassTokenTeacher(Teacher):
 
 
 @register
-class REG(Method):
+class REG(REPA):
     name = "reg"
     description = "REG: the teacher's class token, noised with the image, denoised jointly as one more token; REPA"
     config_class = REGConfig
+    teacher_class = ClassTokenTeacher
     config_file = Path(__file__).resolve().parents[1] / "configs" / "reg.yaml"
 
     def __init__(self, cfg, data_info):
@@ -164,7 +164,6 @@ class REG(Method):
             raise ConfigError(f"reg.class_token={o.class_token!r}; valid: {', '.join(CLASS_TOKENS)}")
         if o.class_cfg_scale < 0:
             raise ConfigError(f"reg.class_cfg_scale={o.class_cfg_scale} must be >= 0 (0: the image's CFG scale)")
-        self.teacher = ClassTokenTeacher(o, cfg, grid=self.token_grid(), owner=self.name)
 
     # ---------------------------------------------------------------- building
     def class_dim(self) -> int:
@@ -177,17 +176,6 @@ class REG(Method):
         c, size, _ = self.state_shape()
         return REGSiT(input_size=size, in_channels=c, num_classes=self.data.num_classes, patch=self.cfg.model.patch,
                       class_dim=self.class_dim(), **architecture(self.cfg.model), **resolve_size(self.cfg.model))
-
-    def build_extras(self, backbone) -> dict:
-        backbone.check_layers(self.hidden_layers())
-        return {"projectors": projectors(backbone.hidden_size, self.options.projector_dim, self.teacher.dims())}
-
-    def setup(self, device, training: bool = True) -> None:
-        super().setup(device, training)
-        self.teacher.setup(self.device, training)
-
-    def hidden_layers(self) -> tuple:
-        return (self.options.encoder_depth,)
 
     # ---------------------------------------------------------------- training
     def targets(self, batch: dict) -> dict:

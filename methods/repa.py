@@ -31,10 +31,11 @@ class REPA(Method):
     name = "repa"
     description = "REPA: align block-k hidden states to a frozen encoder's patch tokens (negative cosine)"
     config_class = REPAConfig
+    teacher_class = Teacher  # a method that needs more of its teacher (REG: its class token) names a subclass
 
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
-        self.teacher = Teacher(self.options, cfg, grid=self.token_grid(), owner=self.name)
+        self.teacher = self.teacher_class(self.options, cfg, grid=self.token_grid(), owner=self.name)
 
     def build_extras(self, backbone) -> dict:
         backbone.check_layers(self.hidden_layers())
