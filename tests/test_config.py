@@ -124,6 +124,7 @@ def test_the_quick_preset_is_tiny_at_16_pixels_with_16_tokens_each_narrower_than
     assert (quick.model.size, quick.model.patch, quick.data.num_images) == (tiny.model.size, 4, tiny.data.num_images)
     assert (quick.data.image_size, quick.train.batch_size, quick.train.steps, quick.flow.time) == (16, 128, 2000,
                                                                                                    "logit_normal")
+    assert (quick.optim.lr, quick.optim.warmup_steps, quick.optim.schedule) == (8e-3, 200, "constant")  # the lr sweep
     repa = load_config("repa", preset="quick")  # the teacher recipe measured best at 16 px (docs/benchmarks.md)
     assert (repa.teacher.steps, repa.teacher.center_tokens, repa.teacher.patch) == (3000, True, 4)
     with torch.device("meta"):
