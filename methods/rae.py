@@ -27,7 +27,7 @@ from zoo.data import build_dataset, data_identity, gather, shapes_split
 from zoo.errors import ConfigError
 from zoo.flow.guidance import guided
 from zoo.flow.samplers import AdaptiveODE, EulerODE, HeunODE, time_grid
-from zoo.teachers import build_encoders, encoder_dims, split_list
+from zoo.teachers import build_encoders, encoder_dims, require_one_encoder
 from zoo.teachers.teacher import Teacher, TeacherOptions
 from zoo.training.method import Method
 from zoo.training.registry import register
@@ -122,8 +122,7 @@ class RAE(Method):
         if cfg.data.vae:
             raise ConfigError(f"data.vae={cfg.data.vae!r}: RAE's latent space is its encoder's tokens (rae.encoder); "
                               "leave data.vae empty")
-        if len(split_list(o.encoder)) != 1:
-            raise ConfigError(f"rae.encoder={o.encoder!r}: RAE diffuses the tokens of exactly one encoder")
+        require_one_encoder("rae", o.encoder, "RAE diffuses the tokens of")
         if cfg.model.patch != 1:
             raise ConfigError(f"model.patch={cfg.model.patch}: RAE's DiT^DH reads one token per latent position "
                               "(model.patch=1)")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from zoo.data import build_dataset, gather
-from zoo.teachers import split_list
+from zoo.teachers import require_one_encoder
 from zoo.teachers.feature_cache import dataset_identity
 from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance
@@ -72,8 +72,7 @@ class ReDi(Method):
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
         o = self.options
-        if len(split_list(o.encoder)) != 1:
-            raise ConfigError(f"redi.encoder={o.encoder!r}: ReDi diffuses the features of exactly one encoder")
+        require_one_encoder("redi", o.encoder, "ReDi diffuses the features of")
         if o.rank < 1:
             raise ConfigError(f"redi.rank={o.rank}: at least one PCA component is needed")
         if not 0 <= o.feature_dropout <= 1:

@@ -26,7 +26,7 @@ from zoo.backbones.layers import as_tokens, modulate, unpatchify
 from zoo.backbones.sit import BackboneOutput, SiT, architecture, resolve_size
 from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance
-from zoo.teachers import Encoder, match_grid, split_list
+from zoo.teachers import Encoder, match_grid, require_one_encoder
 from zoo.teachers.alignment import repa_loss
 from methods.repa import REPA, REPAConfig
 from zoo.teachers.teacher import Teacher
@@ -158,8 +158,7 @@ class REG(REPA):
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
         o = self.options
-        if len(split_list(o.encoder)) != 1:
-            raise ConfigError(f"reg.encoder={o.encoder!r}: REG entangles the class token of exactly one encoder")
+        require_one_encoder("reg", o.encoder, "REG entangles the class token of")
         if o.class_token not in CLASS_TOKENS:
             raise ConfigError(f"reg.class_token={o.class_token!r}; valid: {', '.join(CLASS_TOKENS)}")
         if o.class_cfg_scale < 0:

@@ -30,7 +30,7 @@ from zoo.flow.samplers import AdaptiveODE, EulerODE, HeunODE, time_grid
 from zoo.latents.residual_autoencoder import (ResidualAutoencoderRecipe, autoencoder_key, check_recipe,
                                               ensure_residual_autoencoder, load_residual_autoencoder,
                                               train_residual_autoencoder)
-from zoo.teachers import build_encoders, split_list
+from zoo.teachers import build_encoders, require_one_encoder
 from zoo.teachers.teacher import Teacher, TeacherOptions
 from zoo.training.method import Method
 from zoo.training.registry import register
@@ -98,8 +98,7 @@ class SVG(Method):
         if cfg.data.vae:
             raise ConfigError(f"data.vae={cfg.data.vae!r}: svg diffuses its own latent (teacher tokens and residual "
                               "channels, decoded by its own decoder); set data.vae=''")
-        if len(split_list(o.encoder)) != 1:
-            raise ConfigError(f"svg.encoder={o.encoder!r}: SVG's latent holds the tokens of exactly one encoder")
+        require_one_encoder("svg", o.encoder, "SVG's latent holds the tokens of")
         size = data_info.image_size
         if o.downsample < 1 or size % o.downsample:
             raise ConfigError(f"svg.downsample={o.downsample} must divide data.image_size={size}")

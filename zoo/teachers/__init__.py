@@ -123,6 +123,13 @@ def split_list(text: str) -> list[str]:
     return [part.strip() for part in str(text or "").split(",") if part.strip()]
 
 
+def require_one_encoder(method: str, encoders: str, why: str) -> None:
+    """Methods whose latent or token is built from one encoder's features (ReDi, REG, RAE, SVG) refuse a list:
+    `why` completes "<why> exactly one encoder" in the error, e.g. "RAE diffuses the tokens of"."""
+    if len(split_list(encoders)) != 1:
+        raise ConfigError(f"{method}.encoder={encoders!r}: {why} exactly one encoder")
+
+
 def encoder_specs(names: str, weights: str = "") -> list[tuple[str, str]]:
     """Pair each comma-separated encoder name with its comma-separated weights path ('' where not given)."""
     names_, weights_ = split_list(names), split_list(weights)
