@@ -116,8 +116,9 @@ def test_an_unknown_preset_or_base_is_one_line(tmp_path, monkeypatch):
 
 
 def test_the_quick_preset_is_tiny_at_16_pixels_with_16_tokens_each_narrower_than_the_model():
-    """quick keeps tiny's model and data and changes what makes it cheap: 16 px at patch 4 is a 4x4 grid, and a
-    token's 4*4*3 = 48 values stay below the 128-wide model (patch 8 at 32 px, 192 values, does not learn)."""
+    """quick keeps tiny's model and changes what makes it cheap: 16 px at patch 4 is a 4x4 grid, and a token's
+    4*4*3 = 48 values stay below the 128-wide model (patch 8 at 32 px, 192 values, does not learn); its shapes are
+    1.5x as large, so that round and straight edges differ by more than a pixel."""
     from zoo.training.generate import build_method
 
     quick, tiny = load_config("sit", preset="quick"), load_config("sit")
@@ -125,6 +126,7 @@ def test_the_quick_preset_is_tiny_at_16_pixels_with_16_tokens_each_narrower_than
     assert (quick.data.image_size, quick.train.batch_size, quick.train.steps, quick.flow.time) == (16, 128, 2000,
                                                                                                    "logit_normal")
     assert (quick.optim.lr, quick.optim.warmup_steps, quick.optim.schedule) == (8e-3, 200, "constant")  # the lr sweep
+    assert (quick.data.shape_scale, tiny.data.shape_scale) == (1.5, 1.0)  # shapes large enough to learn at 16 px
     repa = load_config("repa", preset="quick")  # the teacher recipe measured best at 16 px (docs/benchmarks.md)
     assert (repa.teacher.steps, repa.teacher.center_tokens, repa.teacher.patch) == (3000, True, 4)
     with torch.device("meta"):

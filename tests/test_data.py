@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from zoo.config import load_config
-from zoo.data import BatchLoader, StepBatches, build_dataset, data_info, shapes_split
+from zoo.data import BatchLoader, StepBatches, build_dataset, data_identity, data_info, shapes_split
 from zoo.data.folder import ImageFolder
 from zoo.data.shapes import CLASSES, generate_shapes
 from zoo.errors import ConfigError, DataError
@@ -25,6 +25,32 @@ def test_classes_differ_in_structure_not_in_colour():
     mean_colour = torch.stack([images[labels == k].float().mean((0, 2, 3)) for k in range(10)])
     # colours are random nuisances: every class has about the same average colour
     assert (mean_colour.max(0).values - mean_colour.min(0).values).max() < 25
+
+
+def test_shape_scale_grows_the_shapes_and_keeps_them_in_the_frame():
+    small, labels = generate_shapes(200, seed=0, size=32)
+    large, _ = generate_shapes(200, seed=0, size=32, scale=1.5)
+    assert torch.equal(small, generate_shapes(200, seed=0, size=32, scale=1.0)[0])  # the default is scale 1
+
+    def shape_pixels(images):  # pixels far from the image's background colour (its corner pixel)
+        return ((images.float() - images[:, :, :1, :1].float()).abs().amax(1) > 60).float()
+
+    discs = labels == 0  # filled, one colour: their area grows with the square of the scale
+    ratio = shape_pixels(large[discs]).sum() / shape_pixels(small[discs]).sum()
+    assert 1.9 < ratio < 2.6, ratio  # 1.5^2 = 2.25
+    border = shape_pixels(large).clone()
+    border[:, 1:-1, 1:-1] = 0
+    assert border.sum() / shape_pixels(large).sum() < 0.01  # the larger shapes move less: still inside the image
+
+
+def test_shape_scale_is_checked_and_keys_the_caches():
+    with pytest.raises(ConfigError, match="do not fit"):
+        data_info(load_config("sit", ["data.shape_scale=1.7"]).data)
+    with pytest.raises(ConfigError, match="positive"):
+        data_info(load_config("sit", ["data.shape_scale=0"]).data)
+    plain, scaled = (load_config("sit", o).data for o in ([], ["data.shape_scale=1.5"]))
+    assert "shape_scale" not in data_identity(plain)  # caches written before the option keep their keys
+    assert data_identity(scaled)["shape_scale"] == 1.5
 
 
 def test_reference_split_differs_from_training_split():

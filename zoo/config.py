@@ -66,6 +66,7 @@ class DataConfig:
     num_classes: int = 10       # shapes: number of classes used (<= 10); folder: checked against the folder
     num_images: int = 20000     # shapes: size of the generated training set
     seed: int = 0               # shapes: the generator's seed (the reference split uses another)
+    shape_scale: float = 1.0    # shapes: their size (1: radius 0.35-0.55 of the half-width); larger ones move less
     hflip: bool = True          # random horizontal flips
     num_workers: int = 0        # DataLoader workers for a folder or a store (0: batches gathered in this process)
     verify: bool = False        # folder: decode every image once before training, naming all unreadable ones

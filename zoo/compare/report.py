@@ -110,9 +110,11 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     train_min = sum(r.ms_per_step for r in results) * comp.steps / 60_000
     evals = [sum(rec["seconds"].values()) for r in results for rec in r.records]
     eval_min, eval_each = sum(evals) / 60, mean(evals)
+    scale = f" ({d.shape_scale}x the default size)" if d.dataset == "shapes" and d.shape_scale != 1 else ""
     lines = [
         f"# Side-by-side comparison: {', '.join(methods)} (baseline: {baseline})", "",
-        f"- Data: {d.dataset}, {d.num_images} training images, {d.image_size}x{d.image_size}, {d.num_classes} classes; "
+        f"- Data: {d.dataset}{scale}, {d.num_images} training images, {d.image_size}x{d.image_size}, "
+        f"{d.num_classes} classes; "
         f"model preset {base_cfg.preset} (model.size={base_cfg.model.size}, patch {base_cfg.model.patch}); "
         f"batch {base_cfg.train.batch_size}; {comp.steps} steps; evaluated every {comp.eval_every} steps.",
         f"- Training seeds: {', '.join(map(str, comp.seeds))}. Overrides for every run: "

@@ -15,7 +15,7 @@ import torch
 
 from zoo.data.folder import ImageFolder, list_classes
 from zoo.data.store import collate_batch
-from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes
+from zoo.data.shapes import CLASSES as SHAPE_CLASSES, generate_shapes, placement as shape_placement
 from zoo.errors import ConfigError, DataError
 from zoo.training.method import DataInfo
 
@@ -28,6 +28,12 @@ def data_info(data_cfg) -> DataInfo:
     if data_cfg.dataset == "shapes":
         if not 1 <= data_cfg.num_classes <= len(SHAPE_CLASSES):
             raise ConfigError(f"data.num_classes must be 1..{len(SHAPE_CLASSES)} for the shapes data")
+        if data_cfg.shape_scale <= 0:
+            raise ConfigError(f"data.shape_scale must be positive, got {data_cfg.shape_scale}")
+        try:
+            shape_placement(data_cfg.shape_scale)
+        except ValueError as err:
+            raise ConfigError(f"data.shape_scale={data_cfg.shape_scale}: {err}") from None
         return DataInfo(3, data_cfg.image_size, data_cfg.num_classes)
     if data_cfg.dataset == "folder":
         classes = list_classes(data_cfg.root)
@@ -46,8 +52,8 @@ def data_info(data_cfg) -> DataInfo:
 
 
 @functools.lru_cache(maxsize=4)
-def _shapes(num_images: int, seed: int, num_classes: int, size: int):
-    return generate_shapes(num_images, seed, num_classes, size)
+def _shapes(num_images: int, seed: int, num_classes: int, size: int, scale: float):
+    return generate_shapes(num_images, seed, num_classes, size, scale)
 
 
 class InMemoryImages:
@@ -67,7 +73,8 @@ class InMemoryImages:
 
 def shapes_split(data_cfg, reference: bool = False, num_images: int | None = None) -> InMemoryImages:
     seed = data_cfg.seed + (REFERENCE_SEED_OFFSET if reference else 0)
-    images, labels = _shapes(num_images or data_cfg.num_images, seed, data_cfg.num_classes, data_cfg.image_size)
+    images, labels = _shapes(num_images or data_cfg.num_images, seed, data_cfg.num_classes, data_cfg.image_size,
+                             data_cfg.shape_scale)
     return InMemoryImages(images, labels)
 
 
@@ -75,8 +82,11 @@ def data_identity(data_cfg) -> dict:
     """What defines the data distribution (not the size of one training subset): a cache key for models
     trained on it (the judge, the built-in teacher)."""
     if data_cfg.dataset == "shapes":
-        return {"dataset": "shapes", "seed": data_cfg.seed, "num_classes": data_cfg.num_classes,
-                "image_size": data_cfg.image_size}
+        identity = {"dataset": "shapes", "seed": data_cfg.seed, "num_classes": data_cfg.num_classes,
+                    "image_size": data_cfg.image_size}
+        if data_cfg.shape_scale != 1.0:  # only when set, so the judges and teachers cached before it stay valid
+            identity["shape_scale"] = data_cfg.shape_scale
+        return identity
     return {"dataset": data_cfg.dataset, "root": str(Path(data_cfg.root).resolve()),
             "num_classes": data_cfg.num_classes, "image_size": data_cfg.image_size}
 

@@ -14,6 +14,8 @@ import torch
 CLASSES = ("disc", "ring", "square", "square outline", "triangle", "triangle outline", "plus",
            "two discs", "striped disc", "checkered square")
 OUTLINE = 0.09  # half-thickness of outlines, in units where the image spans [-1, 1]
+RADIUS = (0.35, 0.55)  # the shapes' size range at scale 1, same units
+JITTER = 0.35          # how far the centre moves from the middle at scale 1
 
 
 def _rotate(px, py, cx, cy, angle):
@@ -79,12 +81,24 @@ def _contrasting_colours(rng, n, other, min_gap=0.3):
     return colours
 
 
-def render_class(kind: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """n images of class `kind` as float32 [n, 3, size, size] in [0, 1]."""
+def placement(scale: float) -> tuple[float, float, float]:
+    """(smallest radius, largest radius, centre jitter) for shapes `scale` times the default size. Larger
+    shapes move less, keeping the farthest a shape reaches (jitter + 1.1 x radius) where it is at scale 1."""
+    low, high = RADIUS[0] * scale, RADIUS[1] * scale
+    jitter = JITTER + 1.1 * (RADIUS[1] - high)
+    if jitter < 0:
+        raise ValueError(f"shapes {scale} times the default size do not fit in the image (largest scale: "
+                         f"{(JITTER / 1.1 + RADIUS[1]) / RADIUS[1]:.2f})")
+    return low, high, jitter
+
+
+def render_class(kind: int, n: int, size: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """n images of class `kind` as float32 [n, 3, size, size] in [0, 1], shapes `scale` times the default size."""
+    low, high, jitter = placement(scale)
     coords = ((np.arange(size) + 0.5) / size * 2 - 1).astype(np.float32)
     px, py = np.meshgrid(coords, coords, indexing="xy")
-    cx, cy = rng.uniform(-0.35, 0.35, n).astype(np.float32), rng.uniform(-0.35, 0.35, n).astype(np.float32)
-    r = rng.uniform(0.35, 0.55, n).astype(np.float32)
+    cx, cy = rng.uniform(-jitter, jitter, n).astype(np.float32), rng.uniform(-jitter, jitter, n).astype(np.float32)
+    r = rng.uniform(low, high, n).astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
     qx, qy = _rotate(px, py, cx, cy, angle)
     # anti-aliased coverage: distance in pixels, blended over one pixel
@@ -99,14 +113,16 @@ def render_class(kind: int, n: int, size: int, rng: np.random.Generator) -> np.n
     return np.clip(image, 0, 1)
 
 
-def generate_shapes(num_images: int, seed: int, num_classes: int = 10, size: int = 32):
-    """Deterministic (images uint8 [N, 3, size, size], labels int64 [N]), classes balanced and interleaved."""
+def generate_shapes(num_images: int, seed: int, num_classes: int = 10, size: int = 32, scale: float = 1.0):
+    """Deterministic (images uint8 [N, 3, size, size], labels int64 [N]), classes balanced and interleaved;
+    `scale` multiplies the shapes' size (see `placement`)."""
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f"the shapes data has 1..{len(CLASSES)} classes, asked for {num_classes}")
+    placement(scale)  # fails before any work when the shapes would not fit
     rng = np.random.default_rng(seed)
     labels = np.arange(num_images) % num_classes
     images = np.empty((num_images, 3, size, size), dtype=np.uint8)
     for kind in range(num_classes):
         where = np.flatnonzero(labels == kind)
-        images[where] = np.round(render_class(kind, len(where), size, rng) * 255).astype(np.uint8)
+        images[where] = np.round(render_class(kind, len(where), size, rng, scale) * 255).astype(np.uint8)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
