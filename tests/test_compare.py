@@ -175,3 +175,26 @@ def test_each_row_says_what_its_method_used():
     assert used["sra"]["teacher"].startswith("own EMA, block ") and used["layersync"]["teacher"].startswith("own block")
     assert used["repa_e"]["space"].startswith("latents of repa_e.vae=") and used["repa_e"]["teacher"].startswith("builtin")
     assert build_method(load_config("sit", ["data.vae=builtin"], "micro")).used()["space"] == "latents (data.vae=builtin)"
+
+
+def test_a_failing_parallel_run_leaves_its_error_in_its_log(tmp_path):
+    import sys
+
+    from zoo.compare.jobs import logged
+    from zoo.errors import ZooError
+
+    def diverges():
+        print("training 2000 steps")
+        raise ZooError("the loss is not finite (flow=nan)")
+
+    def crashes():
+        raise RuntimeError("a bug")
+
+    streams = sys.stdout, sys.stderr
+    for fn, expected in ((diverges, "error: the loss is not finite (flow=nan)"), (crashes, "RuntimeError: a bug")):
+        log = tmp_path / f"{fn.__name__}.log"
+        with pytest.raises(SystemExit) as exit_info:
+            logged(log, fn)
+        assert exit_info.value.code == 1
+        assert expected in log.read_text()
+        assert (sys.stdout, sys.stderr) == streams  # nothing left writing to a closed file

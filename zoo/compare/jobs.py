@@ -12,26 +12,48 @@ import multiprocessing
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from zoo.errors import ZooError
 
 
 def _child(comp, method: str, seed: int, threads: int) -> None:
+    run_dir = comp.out / "runs" / f"{method}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logged(run_dir / "compare.log", _train_and_evaluate, comp, method, seed, threads, run_dir)
+
+
+def _train_and_evaluate(comp, method: str, seed: int, threads: int, run_dir: Path) -> None:
     import torch
 
     from zoo.compare.runner import evaluate_run, run_config, train_run
     from zoo.eval.evaluate import Evaluator
 
-    run_dir = comp.out / "runs" / f"{method}-seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "compare.log", "a", buffering=1) as log:
+    cfg = run_config(comp, method, seed)
+    torch.set_num_threads(cfg.train.threads or threads)
+    label = f"{method} seed {seed}"
+    train_run(cfg, run_dir, label, progress=False)
+    evaluate_run(comp, Evaluator(comp.settings, device=comp.device, progress=False), run_dir, label)
+
+
+def logged(log_path: Path, fn, *args) -> None:
+    """Run fn(*args) with stdout and stderr in `log_path`; an error ends up in the log too (a ZooError as its one
+    line, anything else as its traceback) and exits 1. Without this the error is raised after the log is closed,
+    and multiprocessing's report of it is lost."""
+    streams = sys.stdout, sys.stderr
+    with open(log_path, "a", buffering=1) as log:
         sys.stdout = sys.stderr = log
-        cfg = run_config(comp, method, seed)
-        torch.set_num_threads(cfg.train.threads or threads)
-        label = f"{method} seed {seed}"
-        train_run(cfg, run_dir, label, progress=False)
-        evaluate_run(comp, Evaluator(comp.settings, device=comp.device, progress=False), run_dir, label)
+        try:
+            fn(*args)
+        except ZooError as err:
+            print(f"error: {err}", file=log)
+            raise SystemExit(1) from None
+        except Exception:
+            traceback.print_exc(file=log)
+            raise SystemExit(1) from None
+        finally:
+            sys.stdout, sys.stderr = streams
 
 
 def _last_step(run_dir: Path) -> int:
@@ -85,5 +107,8 @@ def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: 
                 bar.close()
                 slots = sorted(slots + [slot])
                 if proc.exitcode != 0:
-                    failed.append(f"{key[0]} seed {key[1]} (exit {proc.exitcode}; see {run_dir / 'compare.log'})")
+                    log = run_dir / "compare.log"
+                    last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+                    failed.append(f"{key[0]} seed {key[1]} (exit {proc.exitcode}: {''.join(last) or 'no output'}; "
+                                  f"see {log})")
                 del running[key]
