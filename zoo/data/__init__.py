@@ -28,8 +28,6 @@ def data_info(data_cfg) -> DataInfo:
     if data_cfg.dataset == "shapes":
         if not 1 <= data_cfg.num_classes <= len(SHAPE_CLASSES):
             raise ConfigError(f"data.num_classes must be 1..{len(SHAPE_CLASSES)} for the shapes data")
-        if data_cfg.shape_scale <= 0:
-            raise ConfigError(f"data.shape_scale must be positive, got {data_cfg.shape_scale}")
         try:
             shape_placement(data_cfg.shape_scale)
         except ValueError as err:

@@ -84,6 +84,8 @@ def _contrasting_colours(rng, n, other, min_gap=0.3):
 def placement(scale: float) -> tuple[float, float, float]:
     """(smallest radius, largest radius, centre jitter) for shapes `scale` times the default size. Larger
     shapes move less, keeping the farthest a shape reaches (jitter + 1.1 x radius) where it is at scale 1."""
+    if scale <= 0:
+        raise ValueError(f"the shapes' scale must be positive, got {scale}")
     low, high = RADIUS[0] * scale, RADIUS[1] * scale
     jitter = JITTER + 1.1 * (RADIUS[1] - high)
     if jitter < 0:
