@@ -1,9 +1,10 @@
 """REPA-E: the VAE tuned end to end with the diffusion transformer (Leng et al., 2025). See docs/methods/repa_e.md.
 
 Each training step makes three updates, each with its own AdamW (the trainer's phases, in order):
-  1. vae            L1 + lpips LPIPS + 1e-6 KL + 0.1 GAN + 1.5 L_REPA, the last through the frozen SiT on
-                    the NON-detached latent (BN with its running statistics, SiT and projectors in eval mode);
-                    the GAN term through the discriminator in training mode (batch statistics), as officially
+  1. vae            L1 + LPIPS (or its built-in stand-in) + 1e-6 KL + 0.1 GAN + 1.5 L_REPA, the last through the
+                    frozen SiT on the NON-detached latent (BN with its running statistics, SiT and projectors in
+                    eval mode); the GAN term through the discriminator in training mode (batch statistics), as
+                    officially
   2. discriminator  PatchGAN hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_rec))) against update 1's reconstructions
   3. sit            L_v + 0.5 L_REPA on BN(z.detach()) (BN in training mode: its statistics move here only), with
                     the t and noise that update 1 drew
@@ -24,20 +25,24 @@ from torch import nn
 
 from methods.repa import REPA, REPAConfig
 from zoo.teachers.alignment import repa_loss
-from zoo.errors import ConfigError
 from zoo.training.method import Phase, Term
 from zoo.training.registry import register
 from zoo.latents.discriminator import PatchDiscriminator, hinge_loss
+from zoo.latents.perceptual import TeacherPerceptual, check_perceptual, perceptual_network
 from zoo.latents.vae import kl_to_standard_normal, latent_shape, load_vae, vae_architecture
 
 
 @dataclass
 class REPAEConfig(REPAConfig):
-    vae: str = "builtin"            # the VAE to tune: builtin (zoo prepare vae) | a diffusers AutoencoderKL folder
+    vae: str = "builtin"            # the VAE to tune: builtin (zoo prepare vae) | a diffusers AutoencoderKL folder;
+                                    # data.vae, when set, takes its place (the latent space every method of a table shares)
     vae_proj_coeff: float = 1.5     # weight of L_REPA in the VAE update (proj_coeff is SiT's)
     l1_weight: float = 1.0
-    lpips_weight: float = 1.0       # used when lpips_weights is given
-    lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/latents/lpips.py); "": no perceptual term (CPU default)
+    lpips_weight: float = 1.0       # the perceptual term's weight, whichever network `perceptual` picks
+    lpips_weights: str = ""         # local LPIPS-VGG weights (zoo/latents/lpips.py)
+    perceptual: str = "auto"        # the perceptual term's network: lpips (LPIPS-VGG, the paper's) | builtin (the
+                                    # built-in teacher's features, zoo/latents/perceptual.py; no download) | none |
+                                    # auto (lpips when lpips_weights is given, else builtin)
     lpips_rescale: bool = False     # feed LPIPS x * 2 - 1 of images already in [-1, 1], as the official code does
     kl_weight: float = 1e-6
     gan_weight: float = 0.1
@@ -75,28 +80,34 @@ class REPAE(REPA):
 
     def __init__(self, cfg, data_info):
         super().__init__(cfg, data_info)
-        if cfg.data.vae:
-            raise ConfigError("repa_e tunes its own VAE (repa_e.vae); leave data.vae empty")
+        check_perceptual(self.options.perceptual, "repa_e.perceptual")
         self.initial_vae, self.lpips = None, None
 
+    @property
+    def tuned_vae(self) -> str:
+        """The VAE this run starts from and tunes: data.vae when set (as every other method of the run's table
+        diffuses in its latents), else repa_e.vae."""
+        return self.cfg.data.vae or self.options.vae
+
     def state_shape(self) -> tuple:
-        return latent_shape(self.cfg, self.options.vae)
+        return latent_shape(self.cfg, self.tuned_vae)
 
     def used(self) -> dict:
-        return {**super().used(), "space": f"latents of repa_e.vae={self.options.vae}, tuned end to end"}
+        key = "data.vae" if self.cfg.data.vae else "repa_e.vae"
+        return {**super().used(), "space": f"latents ({key}={self.tuned_vae}), tuned end to end"}
 
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)  # REPA's teachers and feature caches
         if training:  # the pretrained VAE the model starts from; sampling reads the tuned one from the checkpoint
-            self.initial_vae = load_vae(self.cfg, self.options.vae)
-            if self.options.lpips_weights:
-                from zoo.latents.lpips import load_lpips
-
-                self.lpips = load_lpips(self.options.lpips_weights).to(self.device)
+            self.initial_vae = load_vae(self.cfg, self.tuned_vae)
+            o = self.options
+            if o.lpips_weight:
+                net = perceptual_network(o.perceptual, o.lpips_weights, self.cfg, "repa_e")
+                self.lpips = net.to(self.device) if net is not None else None
 
     def build_extras(self, backbone) -> dict:
         o = self.options
-        vae = copy.deepcopy(self.initial_vae) if self.initial_vae is not None else vae_architecture(self.cfg, o.vae)
+        vae = copy.deepcopy(self.initial_vae) if self.initial_vae is not None else vae_architecture(self.cfg, self.tuned_vae)
         bn = nn.BatchNorm2d(vae.latent_channels, eps=o.bn_eps, momentum=o.bn_momentum, affine=False)
         with torch.no_grad():  # start as the VAE's fixed scale would: (z - shift) * scale
             bn.running_mean.copy_(vae.shift.flatten().expand(vae.latent_channels))
@@ -116,8 +127,8 @@ class REPAE(REPA):
         state, unused = super().from_official(official)
         bn, unused = take({k: official[k] for k in unused}, "bn.", "extras.bn.")
         state = {**state, **bn}
-        if self.options.vae != "builtin":
-            vae = load_vae(self.cfg, self.options.vae, progress=False)
+        if self.tuned_vae != "builtin":
+            vae = load_vae(self.cfg, self.tuned_vae, progress=False)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 disc = PatchDiscriminator(self.options.disc_channels, self.options.disc_layers)
@@ -170,8 +181,9 @@ class REPAE(REPA):
         terms = {"l1": Term((recon - images).abs().mean(), o.l1_weight),
                  "kl": Term(kl_to_standard_normal(mean, std), o.kl_weight),
                  "gan": Term(-fake_logits.mean(), o.gan_weight)}
-        if self.lpips is not None:
-            rescale = (lambda x: x * 2 - 1) if o.lpips_rescale else (lambda x: x)
+        if self.lpips is not None:  # the official x * 2 - 1 is LPIPS-VGG's quirk: the teacher reads [-1, 1]
+            quirk = o.lpips_rescale and not isinstance(self.lpips, TeacherPerceptual)
+            rescale = (lambda x: x * 2 - 1) if quirk else (lambda x: x)
             terms["lpips"] = Term(self.lpips(rescale(recon), rescale(images)).mean(), o.lpips_weight)
         return terms
 

@@ -149,7 +149,7 @@ class TeacherConfig:
 @dataclass
 class AutoencoderConfig:
     """The built-in VAE (zoo/latents/vae.py), used when data.vae=builtin: a small diffusers AutoencoderKL trained on
-    the run's data with L1 + KL. Every field is part of its cache key."""
+    the run's data with L1 + KL (+ a perceptual term on the built-in teacher). Every field is part of its cache key."""
     channels: List[int] = field(default_factory=lambda: [16, 32, 32])  # downsampling 2^(len - 1): 32 px -> 8x8
     layers_per_block: int = 1
     latent_channels: int = 4
@@ -157,6 +157,7 @@ class AutoencoderConfig:
     batch_size: int = 64
     lr: float = 1e-3            # AdamW, warm-up then cosine
     kl_weight: float = 1e-6     # as SD-VAE and REPA-E
+    perceptual_weight: float = 0.0  # the built-in teacher's perceptual distance (zoo/latents/perceptual.py), beside L1
     seed: int = 5_151
     num_images: int = 20000
 

@@ -24,6 +24,7 @@ RULES = {
     "flow.time_std": POSITIVE,
     "teacher.steps": POSITIVE, "teacher.batch_size": POSITIVE, "teacher.lr": POSITIVE,
     "autoencoder.steps": POSITIVE, "autoencoder.batch_size": POSITIVE, "autoencoder.lr": POSITIVE,
+    "autoencoder.perceptual_weight": NON_NEGATIVE, "optim.beta1": FRACTION, "optim.beta2": FRACTION,
 }
 
 

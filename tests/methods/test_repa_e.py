@@ -42,8 +42,8 @@ def test_the_diffusion_loss_gives_the_vae_exactly_zero_gradient_and_the_repa_los
     # the VAE update's REPA term leaves the SiT, its projectors and the discriminator alone
     for part in (model.backbone, model.extras["projectors"], model.extras["discriminator"]):
         assert all(g is None for g in grads(part))
-    assert set(vae_terms) == {"l1", "kl", "gan", "repa_vae"}
-    assert [vae_terms[k].weight for k in ("l1", "kl", "gan", "repa_vae")] == [1.0, 1e-6, 0.1, 1.5]
+    assert set(vae_terms) == {"l1", "lpips", "kl", "gan", "repa_vae"}  # lpips: the built-in teacher's (no weights)
+    assert [vae_terms[k].weight for k in ("l1", "lpips", "kl", "gan", "repa_vae")] == [1.0, 1.0, 1e-6, 0.1, 1.5]
     assert sit_terms["repa"].weight == 0.5
 
 
@@ -192,11 +192,6 @@ def test_exported_vae_loads_as_a_frozen_vae_whose_states_match_the_bn(built, tmp
     assert torch.allclose(vae.to_state(z), expected, atol=1e-5)
 
 
-def test_repa_e_refuses_a_frozen_data_vae(micro_cfg):
-    with pytest.raises(ConfigError, match="repa_e.vae"):
-        build_method(micro_cfg("repa_e", "data.vae=builtin"))
-
-
 def test_the_vae_update_samples_the_posterior_and_normalises_with_bn_running_statistics(built, monkeypatch):
     method, model, batch = built
     bn = model.extras["bn"]
@@ -236,3 +231,37 @@ def test_the_teacher_runs_once_per_step_for_both_repa_terms(micro_cfg):
     teacher.tokens = lambda batch: calls.append(len(batch["label"])) or real(batch)
     logs = trainer.train_step(next(trainer.loader.iterate(0)))
     assert len(calls) == 1 and {"repa_vae", "repa"} <= set(logs)
+
+
+def test_the_perceptual_term_without_weights_is_the_built_in_teachers_and_reads_images_as_they_are(micro_cfg):
+    """No LPIPS weights (the CPU presets): the perceptual term is the built-in teacher's distance, and LPIPS's
+    official x * 2 - 1 quirk (lpips_rescale) is not applied to it: the teacher reads [-1, 1] images."""
+    from zoo.latents.perceptual import TeacherPerceptual
+
+    method = build_method(micro_cfg("repa_e", "repa_e.feature_cache=never", "repa_e.lpips_rescale=true"))
+    method.setup("cpu")
+    assert isinstance(method.lpips, TeacherPerceptual)
+    model = method.build_model()
+    torch.manual_seed(0)
+    images, recon = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    terms = method.reconstruction_terms(model, images, recon, torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8))
+    assert torch.allclose(terms["lpips"].value, method.lpips(recon, images).mean())
+    off = build_method(micro_cfg("repa_e", "repa_e.feature_cache=never", "repa_e.perceptual=none"))
+    off.setup("cpu")
+    assert off.lpips is None
+    with pytest.raises(ConfigError, match="repa_e.perceptual='vgg'; valid: auto, builtin, lpips, none"):
+        build_method(micro_cfg("repa_e", "repa_e.perceptual=vgg"))
+
+
+def test_with_data_vae_set_repa_e_tunes_that_vae_and_loads_no_frozen_copy(micro_cfg):
+    """`zoo compare ... data.vae=builtin`: REPA-E's row starts from the latent space the other rows diffuse in."""
+    from zoo.latents.vae import latent_shape
+
+    method = build_method(micro_cfg("repa_e", "repa_e.feature_cache=never", "data.vae=builtin", "model.patch=1",
+                                    "repa_e.vae=/nowhere"))
+    assert method.tuned_vae == "builtin" and method.state_shape() == latent_shape(method.cfg) == (4, 8, 8)
+    assert method.used()["space"] == "latents (data.vae=builtin), tuned end to end"
+    method.setup("cpu")
+    assert method.vae is None and method.initial_vae is not None
+    model = method.build_model()
+    assert torch.equal(model.extras["vae"].shift, method.initial_vae.shift)

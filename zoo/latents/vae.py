@@ -139,7 +139,14 @@ def load_vae(cfg, name: str | None = None, progress: bool = True) -> VAE:
 
 # ---------------------------------------------------------------- the built-in VAE
 def builtin_vae_dir(cfg) -> Path:
-    key = fingerprint({"vae": to_dict(cfg.autoencoder), "data": data_identity(cfg.data), "format": 1})
+    recipe = to_dict(cfg.autoencoder)
+    if recipe["perceptual_weight"]:  # the term's network is part of the recipe
+        from zoo.teachers.builtin import teacher_key
+
+        recipe["perceptual_teacher"] = teacher_key(cfg.data, cfg.teacher)
+    else:  # (a key only when on: the VAEs cached before the term keep theirs)
+        del recipe["perceptual_weight"]
+    key = fingerprint({"vae": recipe, "data": data_identity(cfg.data), "format": 1})
     return cache_dir("vae") / f"vae-{key}"
 
 
@@ -158,16 +165,23 @@ def kl_to_standard_normal(mean: Tensor, std: Tensor) -> Tensor:
 
 
 def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
-    """L1 reconstruction + kl_weight * KL, AdamW with warm-up and cosine decay; then the latent scale.
+    """L1 + perceptual_weight * perceptual + kl_weight * KL, AdamW with warm-up and cosine decay; then the latent scale.
 
-    No LPIPS or GAN: the perceptual network LPIPS needs (VGG) cannot be downloaded here, and this VAE only
-    has to make latent diffusion run anywhere (the default recipe reconstructs at about 15 dB PSNR). The scale written into the folder's config is
-    1 / std of the posterior means of the training images, so diffusion states have unit variance.
+    The perceptual term is LPIPS's form on the built-in teacher's features (zoo/latents/perceptual.py): VGG,
+    which LPIPS needs, cannot be downloaded here, and knows nothing of the built-in data. No GAN. The scale written
+    into the folder's config is 1 / std of the posterior means of the training images, so diffusion states have
+    unit variance. zoo_vae.json records the reconstruction of held-out images (the shapes' reference split; a
+    seeded subset of an image folder) in L1 and PSNR.
     """
     from tqdm import tqdm
 
     r = cfg.autoencoder
     dataset = training_images(cfg.data, r.num_images)
+    perceptual = None
+    if r.perceptual_weight:
+        from zoo.latents.perceptual import builtin_perceptual
+
+        perceptual = builtin_perceptual(cfg, progress)
     torch.manual_seed(r.seed)
     net = builtin_autoencoder(r)
     opt = torch.optim.AdamW(net.parameters(), lr=r.lr, weight_decay=0.0)
@@ -182,6 +196,8 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
         recon = net.decode(dist.sample()).sample
         l1 = (recon - images).abs().mean()
         loss = l1 + r.kl_weight * kl_to_standard_normal(dist.mean, dist.std)
+        if perceptual is not None:
+            loss = loss + r.perceptual_weight * perceptual(recon, images).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -192,7 +208,6 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     with torch.no_grad():
         probe = gather(dataset, torch.arange(min(len(dataset), 1000)), torch.zeros(min(len(dataset), 1000), dtype=torch.bool))
         means = torch.cat([net.encode(x).latent_dist.mean for x in probe["image"].split(250)])
-        recon = torch.cat([net.decode(m).sample for m in means.split(250)])
     net.register_to_config(scaling_factor=float(1.0 / means.std()), shift_factor=float(means.mean()))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,9 +215,19 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     net.save_pretrained(tmp)
     (tmp / "zoo_vae.json").write_text(json.dumps({
         "recipe": to_dict(r), "data": data_identity(cfg.data), "train_seconds": round(time.perf_counter() - start, 1),
-        "reconstruction_l1": float((recon - probe["image"]).abs().mean()),
-        "reconstruction_psnr": float(10 * torch.log10(4 / F.mse_loss(recon, probe["image"])))}, indent=2))
+        **reconstruction_quality(net, cfg.data, min(1000, len(dataset)))}, indent=2))
     if path.exists():
         shutil.rmtree(path)
     tmp.rename(path)  # the folder appears whole or not at all
     return path
+
+
+@torch.no_grad()
+def reconstruction_quality(autoencoder, data_cfg, num: int) -> dict:
+    """L1 and PSNR (images in [-1, 1], peak-to-peak 2) of decoding the posterior means of `num` held-out images."""
+    from zoo.eval.reference import reference_images
+
+    images = reference_images(data_cfg, num)[0].float() / 127.5 - 1
+    recon = torch.cat([autoencoder.decode(autoencoder.encode(x).latent_dist.mean).sample for x in images.split(250)])
+    return {"reconstruction_images": len(images), "reconstruction_l1": float((recon - images).abs().mean()),
+            "reconstruction_psnr": float(10 * torch.log10(4 / F.mse_loss(recon, images)))}

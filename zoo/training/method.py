@@ -138,8 +138,9 @@ class Method:
     # Whether every trainable parameter receives a gradient from every phase's forward. DDP then skips its search
     # for unused parameters (a graph traversal every step); a method with several phases never does.
     every_parameter_used: ClassVar[bool] = True
-    # Whether training from a prepared store reads its latents (and so needs data.vae, the VAE that wrote them).
-    # A method that encodes the store's images with a VAE of its own (REPA-E) reads only the images.
+    # Whether the diffusion state is data.vae's frozen latent of the images: `setup` loads that VAE, and training from
+    # a prepared store reads its latents (so it needs data.vae, the VAE that wrote them). A method that makes its own
+    # latent from the images (REPA-E tunes the VAE it starts from, RAE encodes teacher tokens) reads only the images.
     reads_store_latents: ClassVar[bool] = True
     # `zoo prepare` targets this method brings, {target: help} (a helper it trains once and caches), built by
     # `prepare`. A literal dict of strings: `zoo prepare --help` reads it from the source without importing torch.
@@ -188,7 +189,7 @@ class Method:
         of latent diffusion when `data.vae` is set.
         """
         self.device = torch.device(device)
-        if self.cfg.data.vae:
+        if self.cfg.data.vae and self.reads_store_latents:
             from zoo.latents.vae import load_vae
 
             self.vae = load_vae(self.cfg).to(self.device).eval().requires_grad_(False)

@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     path = train_builtin_vae(cfg, builtin_vae_dir(cfg)) if args.force else ensure_builtin_vae(cfg)
     record = json.loads((path / "zoo_vae.json").read_text())
     config = json.loads((path / "config.json").read_text())
+    # a VAE cached before the held-out measure recorded its reconstruction of 1000 training images
+    measured = (f"{record['reconstruction_images']} held-out" if "reconstruction_images" in record
+                else "1000 training")
     print(f"vae: {path} (diffusers AutoencoderKL; latent scale {config['scaling_factor']:.4f}, "
-          f"shift {config['shift_factor']:.4f})\nreconstruction of 1000 training images: L1 "
+          f"shift {config['shift_factor']:.4f})\nreconstruction of {measured} images: L1 "
           f"{record['reconstruction_l1']:.4f}, PSNR {record['reconstruction_psnr']:.2f} dB; trained "
           f"{record['recipe']['steps']} steps in {record['train_seconds']:.0f} s")
     return 0
