@@ -173,7 +173,7 @@ def test_each_row_says_what_its_method_used():
     steps = load_config("repa", [], "micro").teacher.steps
     assert used["repa"]["teacher"] == f"builtin ViT ({steps} steps, centred)"
     assert used["sra"]["teacher"].startswith("own EMA, block ") and used["layersync"]["teacher"].startswith("own block")
-    assert used["repa_e"]["space"].startswith("latents of repa_e.vae=") and used["repa_e"]["teacher"].startswith("builtin")
+    assert used["repa_e"]["space"].startswith("latents (repa_e.vae=") and used["repa_e"]["teacher"].startswith("builtin")
     assert build_method(load_config("sit", ["data.vae=builtin"], "micro")).used()["space"] == "latents (data.vae=builtin)"
 
 
@@ -198,3 +198,57 @@ def test_a_failing_parallel_run_leaves_its_error_in_its_log(tmp_path):
         assert exit_info.value.code == 1
         assert expected in log.read_text()
         assert (sys.stdout, sys.stderr) == streams  # nothing left writing to a closed file
+
+
+def test_killing_a_parallel_comparison_stops_its_runs(tmp_path, tiny_judge):
+    """`kill` of `zoo compare --jobs 2` ends its child runs too: none trains on without a parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid: int) -> set:
+        found = set()
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if entry.isdigit() and int(fields[1]) == pid:
+                found.add(int(entry))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    cmd = [sys.executable, "-m", "zoo", "compare", "--methods", "sit", "--preset", "micro", "--steps", "100000",
+           "--eval-every", "100000", "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path / "cmp"), "--weights",
+           str(tiny_judge), "--num-samples", "20", "train.threads=1"]
+    parent, runs = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), set()
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # both runs started and training (their run folders have metrics)
+            runs = {p for p in children(parent.pid) if "multiprocessing.spawn" in open(f"/proc/{p}/cmdline").read()}
+            if len(runs) == 2 and len(list((tmp_path / "cmp" / "runs").glob("*/metrics.jsonl"))) == 2:
+                break
+            time.sleep(0.5)
+        assert len(runs) == 2, "the two runs never started"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) != 0
+        deadline = time.time() + 30
+        while time.time() < deadline and any(alive(p) for p in runs):
+            time.sleep(0.2)
+        assert not any(alive(p) for p in runs)
+    finally:
+        for pid in [parent.pid, *runs]:  # a failing test leaves nothing running either
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        parent.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import traceback
@@ -66,19 +67,28 @@ def _last_step(run_dir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float = 2.0) -> None:
     """Train and evaluate `runs` [(method, seed)], `jobs` at a time; `records[run]` globs the run's evaluation
     records (for the progress bars)."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
     threads = max(1, (os.cpu_count() or 1) // jobs)
     pending, running, failed = list(runs), {}, []
+    # `kill` (SIGTERM) ends this process as Ctrl-C does, through the handler below, instead of leaving the children
+    # training on without a parent (each holding its run folder's lock)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         _loop(comp, pending, running, failed, jobs, threads, records, poll_seconds, ctx)
-    except BaseException:  # Ctrl-C or an error here: stop the children too (checkpoints are written atomically)
+    except BaseException:  # Ctrl-C, kill or an error here: stop the children too (checkpoints are written atomically)
         for proc, *_ in running.values():
             proc.terminate()
             proc.join()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if failed:
         raise ZooError("runs failed: " + "; ".join(failed))
 
