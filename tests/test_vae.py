@@ -62,6 +62,30 @@ def test_any_method_trains_and_samples_on_vae_latents(name):
     contract.check_sampling_shape(name, overrides)
 
 
+def test_training_draws_latents_from_the_cached_posterior_moments_without_running_the_encoder(monkeypatch):
+    """In-memory data: the VAE's posterior (mean, std) of every image and flip is cached once (float16, as a prepared
+    store keeps it), and a step samples mean + std * eps from it: the same draw as encoding, without the encoder."""
+    from zoo.data import build_dataset, gather
+    from zoo.training.generate import build_method
+
+    method = build_method(load_config("sit", [*MICRO, "data.vae=builtin", "model.patch=1"]))
+    method.setup("cpu")
+    assert method.latent_cache is not None
+    batch = gather(build_dataset(method.cfg.data), torch.tensor([3, 5, 7]), torch.tensor([False, True, False]))
+    with torch.no_grad():
+        mean, std = method.vae.posterior(batch["image"])
+    cached_mean, cached_std = method.latent_cache.moments(batch["index"], batch["flip"], "cpu")
+    assert torch.allclose(cached_mean, mean, rtol=2e-3, atol=2e-3) and torch.allclose(cached_std, std, rtol=2e-3, atol=1e-4)
+    monkeypatch.setattr(method.vae, "posterior", lambda images: pytest.fail("the encoder ran"))
+    torch.manual_seed(0)
+    state = method.encode(None, batch)
+    torch.manual_seed(0)
+    assert torch.allclose(state, method.vae.to_state(cached_mean + cached_std * torch.randn_like(cached_std)))
+    sampling_only = build_method(load_config("sit", [*MICRO, "data.vae=builtin", "model.patch=1"]))
+    sampling_only.setup("cpu", training=False)
+    assert sampling_only.latent_cache is None
+
+
 def write_image_folder(root, n=6):
     from zoo.data import shapes_split
 

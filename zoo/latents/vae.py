@@ -81,6 +81,52 @@ class VAE(nn.Module):
         return self.decode_latent(state / self.scale + self.shift)
 
 
+class PosteriorMoments(nn.Module):
+    """A frozen VAE's posterior (mean, std) of images, laid out as the feature cache holds teacher tokens:
+    [B, 2C, h*w] (zoo/teachers/feature_cache.py builds, stores and looks them up)."""
+
+    name = "vae"
+
+    def __init__(self, vae: VAE):
+        super().__init__()
+        self.vae = vae
+
+    def identity(self) -> dict:
+        """The VAE's folder and its weights' size and time: a VAE retrained in place gets a new cache."""
+        folder = Path(self.vae.source)
+        files = sorted(folder.glob("diffusion_pytorch_model.*")) if folder.is_dir() else []
+        return {"vae": str(folder.resolve()), "weights": [(f.name, f.stat().st_size, f.stat().st_mtime) for f in files]}
+
+    def forward(self, images: Tensor) -> Tensor:
+        mean, std = self.vae.posterior(images)
+        return torch.cat([mean, std], 1).flatten(2)
+
+
+class LatentMomentsCache:
+    """`moments(index, flip)` -> the cached posterior (mean, std) [B, C, h, w] of those training images."""
+
+    def __init__(self, features, latent_channels: int, side: int):
+        self.features, self.channels, self.side = features, latent_channels, side
+
+    def moments(self, index: Tensor, flip: Tensor, device) -> tuple[Tensor, Tensor]:
+        both = self.features.lookup(index, flip).to(device)
+        both = both.view(len(index), 2 * self.channels, self.side, self.side)
+        return both[:, :self.channels], both[:, self.channels:]
+
+
+def latent_moments_cache(vae: VAE, cfg):
+    """The posterior moments of every training image, unflipped and flipped, in float16 as a prepared store keeps
+    them (built once, then memory-mapped); None where the data is not held in memory (an image folder)."""
+    from zoo.data import build_dataset
+    from zoo.teachers.feature_cache import cacheable, load_or_build
+
+    dataset = build_dataset(cfg.data)
+    if not cacheable(dataset):
+        return None
+    _, side, _ = latent_shape(cfg)
+    return LatentMomentsCache(load_or_build(PosteriorMoments(vae), cfg.data, dataset), vae.latent_channels, side)
+
+
 def _read_folder_config(path: Path) -> dict:
     config = path / "config.json"
     if not config.exists():

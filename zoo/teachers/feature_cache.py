@@ -1,4 +1,5 @@
-"""Teacher tokens precomputed once per (image, flip), so an aligning step does not run the teacher.
+"""Teacher tokens precomputed once per (image, flip), so an aligning step does not run the teacher (and, laid
+out the same way, a frozen VAE's posterior moments: zoo/latents/vae.py `latent_moments_cache`).
 
 Batches carry `index` and `flip` (zoo/data), and the only augmentation is the horizontal flip, so
 every input a teacher will ever see during training is one of 2 x len(dataset) images. The cache
@@ -79,7 +80,7 @@ def load_or_build(encoder, data_cfg, dataset, progress: bool = True) -> FeatureC
     """The cached tokens of `encoder` on `dataset`, computed and written atomically first if absent."""
     path = cache_path(encoder, data_cfg, dataset)
     if not path.exists():
-        print(f"precomputing {encoder.name} tokens of {len(dataset)} images x 2 flips once; cached at {path}",
+        print(f"precomputing {encoder.name} features of {len(dataset)} images x 2 flips once; cached at {path}",
               file=sys.stderr)
         tokens = compute_tokens(encoder, dataset, progress=progress)
         atomic_write(path, lambda f: np.save(f, tokens))

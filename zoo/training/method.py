@@ -158,6 +158,7 @@ class Method:
         self.time_sampler = build_time_sampler(cfg.flow)
         self.device = torch.device("cpu")
         self.vae = None                  # the frozen VAE of latent diffusion (data.vae), loaded by `setup`
+        self.latent_cache = None         # its posterior moments of every training image and flip (in-memory data)
         self.checkpoint = None           # the checkpoint file sampled from, set by `load_for_sampling`
         self.checkpoint_weights = None   # "ema" or "model": which of its weights
 
@@ -186,13 +187,15 @@ class Method:
 
         Frozen modules live on the method, not in the model: they are never optimised, EMA'd or
         saved in checkpoints. `training=False` when only sampling. The default loads the frozen VAE
-        of latent diffusion when `data.vae` is set.
+        of latent diffusion when `data.vae` is set and, for training on in-memory data, the cache of its
+        posterior moments (built on first use), so that a step draws its latents without running the encoder.
         """
         self.device = torch.device(device)
         if self.cfg.data.vae and self.reads_store_latents:
-            from zoo.latents.vae import load_vae
+            from zoo.latents.vae import latent_moments_cache, load_vae
 
             self.vae = load_vae(self.cfg).to(self.device).eval().requires_grad_(False)
+            self.latent_cache = latent_moments_cache(self.vae, self.cfg) if training else None
 
     def used(self) -> dict:
         """What this method's row of `zoo compare` says it used: the training-time distribution, the teacher and the
@@ -234,6 +237,9 @@ class Method:
         (drawn from prepared posterior moments when the data is `latents`)."""
         if "latent_mean" in batch:
             return self.vae.to_state(batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"]))
+        if self.latent_cache is not None and "index" in batch:
+            mean, std = self.latent_cache.moments(batch["index"], batch["flip"], self.device)
+            return self.vae.to_state(mean + std * torch.randn_like(std))
         if self.vae is not None:
             with torch.no_grad():
                 return self.vae.encode(batch["image"])
