@@ -123,9 +123,15 @@ def test_the_quick_preset_is_tiny_at_16_pixels_with_16_tokens_each_narrower_than
 
     quick, tiny = load_config("sit", preset="quick"), load_config("sit")
     assert (quick.model.size, quick.model.patch, quick.data.num_images) == (tiny.model.size, 4, tiny.data.num_images)
-    assert (quick.data.image_size, quick.train.batch_size, quick.train.steps, quick.flow.time) == (16, 128, 2000,
+    assert (quick.data.image_size, quick.train.batch_size, quick.train.steps, quick.flow.time) == (16, 128, 1500,
                                                                                                    "logit_normal")
-    assert (quick.optim.lr, quick.optim.warmup_steps, quick.optim.schedule) == (8e-3, 200, "constant")  # the lr sweep
+    # the rate every method trains stably at, with Adam's second moment following the gradient within ~20 steps
+    assert (quick.optim.lr, quick.optim.beta2, quick.optim.warmup_steps, quick.optim.schedule) == (4e-3, 0.95, 200,
+                                                                                                  "constant")
+    # its built-in VAE: one halving (8x8x4 latents at 16 px) with the perceptual term; REPA-E diffuses it at patch 2
+    ae = quick.autoencoder
+    assert (list(ae.channels), ae.latent_channels, ae.steps, ae.perceptual_weight) == ([16, 32], 4, 4000, 1.0)
+    assert load_config("repa_e", preset="quick").model.patch == 2
     assert (quick.data.shape_scale, tiny.data.shape_scale) == (1.5, 1.0)  # shapes large enough to learn at 16 px
     repa = load_config("repa", preset="quick")  # the teacher recipe measured best at 16 px (docs/benchmarks.md)
     assert (repa.teacher.steps, repa.teacher.center_tokens, repa.teacher.patch) == (3000, True, 4)
