@@ -151,6 +151,11 @@ class RAE(Method):
         """[D, g, g]: one normalised token per position of the encoder's grid."""
         return (self.token_dim(), self.options.grid, self.options.grid)
 
+    def used(self) -> dict:
+        d, g, _ = self.state_shape()
+        return {**super().used(), "time": f"{self.cfg.flow.time}, shifted (alpha {self.shift():.2f})",
+                "space": f"the teacher's normalised tokens ({d} x {g} x {g}), decoded by a trained ViT"}
+
     def shift(self) -> float:
         """alpha = sqrt(D g^2 / shift_base) (RAE: sqrt(768 * 16 * 16 / 4096) = 6.93 for DINOv2-B)."""
         return math.sqrt(math.prod(self.state_shape()) / self.options.shift_base)

@@ -189,6 +189,12 @@ class SVG(Method):
         return self.autoencoder.decode(z.float())
 
     # ---------------------------------------------------------------- time shifts
+    def used(self) -> dict:
+        c, g, _ = self.state_shape()
+        return {**super().used(), "time": f"{self.cfg.flow.time}, shifted ({self.options.train_shift:g})",
+                "space": f"teacher tokens + {self.options.residual_channels} residual channels ({c} x {g} x {g}), "
+                         "decoded by a trained conv decoder"}
+
     def sample_time(self, n: int, device) -> Tensor:
         """SVG's training times: the configured sampler's t (uniform officially), shifted by train_shift."""
         return shift_time(super().sample_time(n, device), self.options.train_shift)

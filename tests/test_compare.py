@@ -168,8 +168,12 @@ def test_each_row_says_what_its_method_used():
 
     used = {m: build_method(load_config(m, o, "micro")).used() for m, o in [
         ("sit", []), ("repa", ["teacher.center_tokens=true"]), ("sra", []), ("layersync", []),
-        ("repa_e", [])]}
-    assert used["sit"] == {"time": load_config("sit", [], "micro").flow.time, "teacher": "none", "space": "pixels"}
+        ("repa_e", []), ("ddt", []), ("rae", []), ("svg", [])]}
+    assert used["sit"] == {"time": load_config("sit", [], "micro").flow.time, "embedding": "1000 t", "teacher": "none",
+                           "space": "pixels"}
+    assert used["ddt"]["embedding"] == "1000 (1 - t)"  # the network sees the data time 1 - t, as officially
+    assert used["rae"]["time"].endswith("shifted (alpha 1.41)") and used["rae"]["space"].startswith("the teacher's normal")
+    assert used["svg"]["time"].endswith("shifted (0.4)") and "residual channels" in used["svg"]["space"]
     steps = load_config("repa", [], "micro").teacher.steps
     assert used["repa"]["teacher"] == f"builtin ViT ({steps} steps, centred)"
     assert used["sra"]["teacher"].startswith("own EMA, block ") and used["layersync"]["teacher"].startswith("own block")

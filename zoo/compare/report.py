@@ -147,10 +147,10 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
             reach = f"{'' if exact else '≤ '}{reached:.0f} ({comp.steps / reached:.2f}x)"
         lines.append(f"| {method} | {params} | {ms[method]:.0f} | " + " | ".join(cells) + f" | {reach} |")
     if any(r.used for r in results):
-        lines += ["", "## What each row used", "", "| method | training time t | teacher | diffuses in |",
-                  "| --- | --- | --- | --- |"]
-        lines += [f"| {m} | {u.get('time', '–')} | {u.get('teacher', '–')} | {u.get('space', '–')} |"
-                  for m, u in ((m, info[m].used) for m in methods)]
+        lines += ["", "## What each row used", "", "| method | training time t | time embedding | teacher | diffuses in |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {u.get('time', '–')} | {u.get('embedding', '–')} | {u.get('teacher', '–')} | "
+                  f"{u.get('space', '–')} |" for m, u in ((m, info[m].used) for m in methods)]
     acc_rows, acc_notes = _metric_table(results, methods, steps, "class_accuracy", baseline, lower_is_better=False)
     if any(c != "–" for row in acc_rows for c in row):
         lines += ["", "## Class accuracy of the samples (judge) at each evaluation point", "",

@@ -198,11 +198,14 @@ class Method:
             self.latent_cache = latent_moments_cache(self.vae, self.cfg) if training else None
 
     def used(self) -> dict:
-        """What this method's row of `zoo compare` says it used: the training-time distribution, the teacher and the
-        space it diffuses in. The default reads them from the config and from a `teacher` attribute (the shared
-        `Teacher` component); a method whose teacher or space is its own overrides it."""
-        teacher = getattr(self, "teacher", None)
-        return {"time": self.cfg.flow.time, "teacher": teacher.describe() if hasattr(teacher, "describe") else "none",
+        """What this method's row of `zoo compare` says it used: the training-time distribution, how the network
+        embeds t, the teacher and the space it diffuses in. The default reads them from the config and from a
+        `teacher` attribute (the shared `Teacher` component); a method whose teacher or space is its own overrides it."""
+        teacher, m = getattr(self, "teacher", None), self.cfg.model
+        embedding = f"{m.time_scale:g} {'t' if m.time_convention == 'noise' else '(1 - t)'}" + (
+            f", period {m.time_max_period:g}" if m.time_max_period != 10000 else "")
+        return {"time": self.cfg.flow.time, "embedding": embedding,
+                "teacher": teacher.describe() if hasattr(teacher, "describe") else "none",
                 "space": f"latents (data.vae={self.cfg.data.vae})" if self.cfg.data.vae else "pixels"}
 
     def token_grid(self) -> int:
