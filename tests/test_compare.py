@@ -256,3 +256,21 @@ def test_killing_a_parallel_comparison_stops_its_runs(tmp_path, tiny_judge):
             except OSError:
                 pass
         parent.wait()
+
+
+def test_the_built_in_vaes_recipe_is_part_of_a_runs_config_only_where_the_run_uses_that_vae(tmp_path, capsys):
+    """A comparison folder keeps its pixel-space runs when the preset's VAE recipe changes (it trains nothing of
+    theirs); a run in the built-in VAE's latents, or REPA-E tuning it, is refused as before."""
+    from zoo.compare.runner import reads_builtin_vae, train_run
+    from zoo.config import load_config, to_dict
+
+    assert not reads_builtin_vae(to_dict(load_config("sit", [], "micro")))
+    assert reads_builtin_vae(to_dict(load_config("sit", ["data.vae=builtin"], "micro")))
+    assert reads_builtin_vae(to_dict(load_config("repa_e", [], "micro")))
+    assert not reads_builtin_vae(to_dict(load_config("repa_e", ["repa_e.vae=/w/sd-vae"], "micro")))
+    run = tmp_path / "sit-seed0"
+    train_run(load_config("sit", ["train.steps=2", "train.sample_every=0", "sample.num=0"], "micro"), run, "sit")
+    train_run(load_config("sit", ["train.steps=2", "sample.num=0", "autoencoder.steps=9"], "micro"), run, "sit")
+    assert "sit: trained (2 steps)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="another config"):
+        train_run(load_config("sit", ["train.steps=2", "sample.num=0", "optim.lr=0.5"], "micro"), run, "sit")

@@ -123,6 +123,13 @@ def step_time_ms(run_dir: Path) -> float:
     return round(1000 / statistics.median(rates), 1) if rates else float("nan")
 
 
+def reads_builtin_vae(config: dict) -> bool:
+    """Whether a run (its resolved config as a dict) diffuses in or tunes the built-in VAE, whose recipe is the
+    `autoencoder` section: through data.vae, or a method option `vae` (REPA-E's)."""
+    own = config.get(config.get("method", ""), None)
+    return config["data"]["vae"] == "builtin" or (isinstance(own, dict) and own.get("vae") == "builtin")
+
+
 def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
     """Train to cfg.train.steps, resuming from the run's latest checkpoint; nothing to do if it is complete."""
     from zoo.training.checkpoint import latest_checkpoint, load_checkpoint
@@ -135,6 +142,8 @@ def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
         saved, wanted = dict(resume["config"]), to_dict(cfg)
         for c in (saved, wanted):  # where and how fast it runs may change between sessions; what it trains may not
             c["train"] = {k: v for k, v in c["train"].items() if k not in ("steps", "out_dir", "threads", "device")}
+        if not (reads_builtin_vae(saved) or reads_builtin_vae(wanted)):  # its recipe trains nothing of this run
+            saved.pop("autoencoder", None), wanted.pop("autoencoder", None)
         if saved != wanted:
             raise ConfigError(f"run folder {run_dir} was trained with another config than this comparison asks for; "
                               f"use another --out, or the original arguments")
