@@ -72,7 +72,9 @@ def test_two_method_comparison_writes_consistent_outputs_and_resumes(tmp_path, t
             fids = [records[(method, seed, step)]["metrics"]["fid"] for seed in (0, 1)]
             assert cell(fids) in line
     assert "Differences larger than the seed spread" in table
-    assert f"| sit | {run_config(comparison(out, tiny_judge, ['sit']), 'sit', 0).flow.time} | none | pixels |" in table
+    sit_cfg = run_config(comparison(out, tiny_judge, ['sit']), 'sit', 0)
+    embedding = f"{sit_cfg.model.time_scale:g} t"  # SiT embeds the noise-convention t, scaled
+    assert f"| sit | {sit_cfg.flow.time} | {embedding} | none | pixels |" in table
 
     # a second invocation finds everything done: no training, no sampling
     from zoo.training.trainer import Trainer
