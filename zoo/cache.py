@@ -18,3 +18,12 @@ def cache_dir(*parts: str) -> Path:
 def fingerprint(obj) -> str:
     """A short stable hash of a JSON-able description (of data, a model, a config), for cache keys."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_identity(path: Path | None):
+    """Changes when a weights file does (replaced, re-fetched, retrained in place), so what was cached from it is
+    not reused: its resolved path, size and modification time."""
+    if path is None:
+        return "random-init"
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.cache import cache_dir, fingerprint
+from zoo.cache import cache_dir, fingerprint, weights_identity
 from zoo.config import to_dict
 from zoo.data import data_identity, gather, training_images
 from zoo.errors import CheckpointError, ConfigError, MissingWeightsError
@@ -95,7 +95,7 @@ class PosteriorMoments(nn.Module):
         """The VAE's folder and its weights' size and time: a VAE retrained in place gets a new cache."""
         folder = Path(self.vae.source)
         files = sorted(folder.glob("diffusion_pytorch_model.*")) if folder.is_dir() else []
-        return {"vae": str(folder.resolve()), "weights": [(f.name, f.stat().st_size, f.stat().st_mtime) for f in files]}
+        return {"vae": str(folder.resolve()), "weights": [weights_identity(f) for f in files]}
 
     def forward(self, images: Tensor) -> Tensor:
         mean, std = self.vae.posterior(images)

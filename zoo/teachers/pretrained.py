@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from zoo.cache import cache_dir
+from zoo.cache import cache_dir, weights_identity
 from zoo.teachers import Encoder, register_encoder, resize_images
 from zoo.errors import CheckpointError, ConfigError, MissingWeightsError
 
@@ -54,7 +54,7 @@ class PretrainedEncoder(Encoder):
 
     def identity(self) -> dict:
         return {**super().identity(), "input_size": self.size, "resize": self.mode,
-                "weights": _file_identity(self.weights)}
+                "weights": weights_identity(self.weights)}
 
 
 class TimmEncoder(PretrainedEncoder):
@@ -78,14 +78,6 @@ def _existing(path: str, default: Path, what: str, fetch: str) -> Path:
     if not path.exists():
         raise MissingWeightsError(what, path, fetch)
     return path
-
-
-def _file_identity(path: Path | None):
-    """Changes when the weights file does (replaced, re-fetched), so cached features are not reused."""
-    if path is None:
-        return "random-init"
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _load_timm_weights(net, path: Path, **filter_kwargs) -> None:
