@@ -183,6 +183,42 @@ def test_each_row_says_what_its_method_used():
     assert build_method(load_config("sit", ["data.vae=builtin"], "micro")).used()["space"] == "latents (data.vae=builtin)"
 
 
+class DivergesOnSeed1(Method):
+    """A throwaway method whose seed-1 run stops as a diverged loss does; its seed-0 run trains as SiT."""
+    name = "diverges_for_test"
+    description = "test only"
+
+    def flow_loss(self, velocity, target):
+        from zoo.errors import TrainingDiverged
+
+        if self.cfg.train.seed == 1:
+            raise TrainingDiverged("the loss is not finite (flow=nan)")
+        return super().flow_loss(velocity, target)
+
+
+def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, tiny_judge, zoo_cache):
+    from zoo.errors import ZooError
+
+    registry.discover()
+    registry.register(DivergesOnSeed1)
+    try:
+        out = tmp_path / "cmp"
+        with pytest.raises(ZooError, match="1 of 4 runs failed.*diverges_for_test seed 1: the loss is not finite"):
+            run_comparison(comparison(out, tiny_judge, ["sit", DivergesOnSeed1.name]))
+    finally:
+        registry._METHODS.pop(DivergesOnSeed1.name, None)
+    records = read_records(out)
+    assert {k[:2] for k in records} == {("sit", 0), ("sit", 1), (DivergesOnSeed1.name, 0)}
+    table = (out / "table.md").read_text()
+    line = next(l for l in table.splitlines() if l.startswith(f"| {DivergesOnSeed1.name} |") and "ms/step" not in l)
+    assert cell([records[(DivergesOnSeed1.name, 0, 4)]["metrics"]["fid"]]) + " |" in line  # its one seed, no spread
+    assert "1 run(s) did not finish" in table
+    assert f"## Runs that did not finish\n" in table
+    assert f"- {DivergesOnSeed1.name} seed 1: the loss is not finite (flow=nan)" in table
+    assert (out / f"samples_{DivergesOnSeed1.name}.png").exists()
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == len(records)
+
+
 def test_a_failing_parallel_run_leaves_its_error_in_its_log(tmp_path):
     import sys
 

@@ -71,12 +71,12 @@ def _exit_on_signal(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float = 2.0) -> None:
+def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float = 2.0) -> dict:
     """Train and evaluate `runs` [(method, seed)], `jobs` at a time; `records[run]` globs the run's evaluation
-    records (for the progress bars)."""
+    records (for the progress bars). Returns {run: why} for the runs that failed; the others went on."""
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    pending, running, failed = list(runs), {}, []
+    pending, running, failed = list(runs), {}, {}
     # `kill` (SIGTERM) ends this process as Ctrl-C does, through the handler below, instead of leaving the children
     # training on without a parent (each holding its run folder's lock)
     previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -89,11 +89,10 @@ def run_parallel(comp, runs: list, jobs: int, records: dict, poll_seconds: float
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if failed:
-        raise ZooError("runs failed: " + "; ".join(failed))
+    return failed
 
 
-def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: int, records: dict,
+def _loop(comp, pending: list, running: dict, failed: dict, jobs: int, threads: int, records: dict,
           poll_seconds: float, ctx) -> None:
     from tqdm import tqdm
 
@@ -119,6 +118,5 @@ def _loop(comp, pending: list, running: dict, failed: list, jobs: int, threads: 
                 if proc.exitcode != 0:
                     log = run_dir / "compare.log"
                     last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                    failed.append(f"{key[0]} seed {key[1]} (exit {proc.exitcode}: {''.join(last) or 'no output'}; "
-                                  f"see {log})")
+                    failed[key] = f"exit {proc.exitcode}: {''.join(last) or 'no output'} (see {log})"
                 del running[key]

@@ -100,8 +100,15 @@ def _metric_table(results, methods, steps, metric: str, baseline: str, lower_is_
     return rows, notes
 
 
-def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_seconds: float) -> Path:
-    methods, steps, baseline = comp.methods, comp.eval_points(), comp.methods[0]
+def finished_methods(comp, results) -> list:
+    """The methods with at least one finished run, in the order asked for (a method whose every run failed has no
+    row; it is named under "Runs that did not finish")."""
+    return [m for m in comp.methods if any(r.method == m for r in results)]
+
+
+def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_seconds: float,
+                failed: dict) -> Path:
+    methods, steps, baseline = finished_methods(comp, results), comp.eval_points(), comp.methods[0]
     info = {r.method: r for r in results}
     ms = {m: mean([r.ms_per_step for r in results if r.method == m]) for m in methods}
     s = comp.settings
@@ -118,7 +125,9 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
         f"model preset {base_cfg.preset} (model.size={base_cfg.model.size}, patch {base_cfg.model.patch}); "
         f"batch {base_cfg.train.batch_size}; {comp.steps} steps; evaluated every {comp.eval_every} steps.",
         f"- Training seeds: {', '.join(map(str, comp.seeds))}. Overrides for every run: "
-        f"{' '.join(comp.overrides) or '(none)'}.",
+        f"{' '.join(comp.overrides) or '(none)'}."
+        + (f" **{len(failed)} run(s) did not finish** (listed at the end); a row averages the seeds that did."
+           if failed else ""),
         f"- Evaluation: {s.num_samples} class-balanced samples, {s.sampler}/{s.solver} {s.steps} steps, CFG "
         f"{s.cfg_scale}, sampling seed {s.seed}, {'EMA' if s.use_ema else 'raw'} weights; features: "
         f"{extractor_info['extractor']}" + (f" (held-out accuracy {judge:.3f}; FID on L2-normalised features)"
@@ -172,6 +181,11 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     else:
         notes = [f"- FID: {n}" for n in fid_notes] + [f"- class accuracy: {n}" for n in acc_notes]
         lines += notes or ["None: every method's seed range overlaps the baseline's at every point."]
+    if failed:
+        lines += ["", "## Runs that did not finish", "",
+                  "Each failed run's own error (the last line of its log); its folder keeps the checkpoints written "
+                  "before it. Rerunning the command retries it.", ""]
+        lines += [f"- {method} seed {seed}: {why}" for (method, seed), why in failed.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -186,7 +200,7 @@ def plot_curves(comp, results, path: Path) -> Path:
         metrics.append(("class_accuracy", "class accuracy of samples"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], metrics):
-        for method in comp.methods:
+        for method in finished_methods(comp, results):
             curve = series(results, method, key)
             steps = list(curve)
             ax.plot(steps, [mean(v) for v in curve.values()], marker="o", label=method)
@@ -204,11 +218,14 @@ def plot_curves(comp, results, path: Path) -> Path:
     return path
 
 
-def write_report(comp, results, base_cfg, extractor_info: dict, wall_seconds: float) -> dict:
+def write_report(comp, results, base_cfg, extractor_info: dict, wall_seconds: float, failed: dict = None) -> dict:
+    """Write the outputs for the finished `results`; `failed` {(method, seed): why} names the runs that did not
+    finish."""
     out = Path(comp.out)
-    files = {"table": write_table(comp, results, base_cfg, extractor_info, out / "table.md", wall_seconds),
+    files = {"table": write_table(comp, results, base_cfg, extractor_info, out / "table.md", wall_seconds,
+                                  failed or {}),
              "csv": write_csv(results, out / "results.csv"), "plot": plot_curves(comp, results, out / "fid_vs_steps.png")}
-    for method in comp.methods:  # the final step's grid of the first seed
+    for method in finished_methods(comp, results):  # the final step's grid of the first finished seed
         first = next(r for r in results if r.method == method)
         grid = first.records[-1].get("grid")
         # the record may hold a path relative to where `zoo eval` ran; the grid lies beside the record

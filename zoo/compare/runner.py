@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, ZooError
 from zoo.eval.evaluate import PROTOCOL, EvalSettings, Evaluator
 
 
@@ -212,6 +212,7 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     base_cfg = configs[(comp.methods[0], comp.seeds[0])]
     evaluator = Evaluator(comp.settings, device=comp.device)
     evaluator.reference(base_cfg.data)  # trains the judge on first use and caches the reference features
+    failed = {}  # (method, seed) -> why it did not finish; the report covers the runs that did
     if jobs > 1:
         from zoo.compare.jobs import run_parallel
 
@@ -219,19 +220,32 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
             prepare_method(configs[(method, comp.seeds[0])], evaluator.device)
         records = {run: record_name(evaluator, cfg, comp.out / "runs" / f"{run[0]}-seed{run[1]}")
                    for run, cfg in configs.items()}
-        run_parallel(comp, list(configs), jobs, records)
+        failed = run_parallel(comp, list(configs), jobs, records)
     results, total = [], len(configs)
     for i, ((method, seed), cfg) in enumerate(configs.items(), 1):
+        if (method, seed) in failed:
+            continue
         label = f"[{i}/{total}] {method} seed {seed}"
         run_dir = comp.out / "runs" / f"{method}-seed{seed}"
-        train_run(cfg, run_dir, label)
-        records = evaluate_run(comp, evaluator, run_dir, label)
+        try:
+            train_run(cfg, run_dir, label)
+            records = evaluate_run(comp, evaluator, run_dir, label)
+        except ZooError as err:  # e.g. a diverged loss: one run's failure does not cost the others' report
+            _log(f"{label}: failed: {err}")
+            failed[(method, seed)] = str(err)
+            continue
         params, backbone = parameter_counts(cfg)
         results.append(RunResult(method, seed, run_dir, records, params, backbone, step_time_ms(run_dir),
                                  method_used(cfg)))
+    why = "; ".join(f"{m} seed {s}: {reason}" for (m, s), reason in failed.items())
+    if not any(r.method == comp.methods[0] for r in results):
+        raise ZooError(f"no run of the baseline {comp.methods[0]} finished, so there is no table: {why}")
     files = write_report(comp, results, base_cfg, evaluator.describe(base_cfg.data),
-                         wall_seconds=time.perf_counter() - start)
+                         wall_seconds=time.perf_counter() - start, failed=failed)
     _log("wrote " + ", ".join(str(p) for p in files.values()))
+    if failed:
+        raise ZooError(f"{len(failed)} of {total} runs failed; {files['table']} covers the others "
+                       f"and names the failed ones: {why}")
     return {"results": results, "files": files}
 
 
