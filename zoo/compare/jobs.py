@@ -118,5 +118,5 @@ def _loop(comp, pending: list, running: dict, failed: dict, jobs: int, threads: 
                 if proc.exitcode != 0:
                     log = run_dir / "compare.log"
                     last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                    failed[key] = f"exit {proc.exitcode}: {''.join(last) or 'no output'} (see {log})"
+                    failed[key] = f"{''.join(last).removeprefix('error: ') or f'exit {proc.exitcode}, no output'} (see {log})"
                 del running[key]
