@@ -242,8 +242,10 @@ def test_a_failing_parallel_run_leaves_its_error_in_its_log(tmp_path):
         assert (sys.stdout, sys.stderr) == streams  # nothing left writing to a closed file
 
 
-def test_killing_a_parallel_comparison_stops_its_runs(tmp_path, tiny_judge):
-    """`kill` of `zoo compare --jobs 2` ends its child runs too: none trains on without a parent."""
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_killing_a_parallel_comparison_stops_its_runs(tmp_path, tiny_judge, signal_name):
+    """`kill` (or `kill -9`, which runs no handler) of `zoo compare --jobs 2` ends its child runs too: none trains
+    on without a parent."""
     import os
     import signal
     import subprocess
@@ -281,7 +283,7 @@ def test_killing_a_parallel_comparison_stops_its_runs(tmp_path, tiny_judge):
                 break
             time.sleep(0.5)
         assert len(runs) == 2, "the two runs never started"
-        parent.send_signal(signal.SIGTERM)
+        parent.send_signal(getattr(signal, signal_name))
         assert parent.wait(timeout=60) != 0
         deadline = time.time() + 30
         while time.time() < deadline and any(alive(p) for p in runs):

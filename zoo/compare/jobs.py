@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -22,7 +23,22 @@ from zoo.errors import ZooError
 def _child(comp, method: str, seed: int, threads: int) -> None:
     run_dir = comp.out / "runs" / f"{method}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    logged(run_dir / "compare.log", _train_and_evaluate, comp, method, seed, threads, run_dir)
+    log = run_dir / "compare.log"
+    threading.Thread(target=_end_with_parent, args=(os.getppid(), log), daemon=True).start()
+    logged(log, _train_and_evaluate, comp, method, seed, threads, run_dir)
+
+
+def _end_with_parent(parent: int, log: Path, poll_seconds: float = 1.0) -> None:
+    """Stop this run when the `zoo compare` process is gone. A parent killed with SIGKILL (or by the out-of-memory
+    killer) runs no handler that could stop its children, and a run training on alone would hold its folder's lock
+    and the CPU; once the parent is gone this process is re-parented, so its parent id changes. Exiting mid-step
+    is safe: checkpoints are written atomically and the folder's lock is released with the process."""
+    while os.getppid() == parent:
+        time.sleep(poll_seconds)
+    with open(log, "a") as f:
+        print("error: the zoo compare process that started this run ended; run stopped "
+              "(rerun the command to resume it)", file=f)
+    os._exit(1)
 
 
 def _train_and_evaluate(comp, method: str, seed: int, threads: int, run_dir: Path) -> None:
