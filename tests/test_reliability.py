@@ -249,3 +249,36 @@ def test_a_seed_spread_below_the_tables_decimals_is_written_out():
     assert cell([1.5237009, 1.5236903]) == "1.5237 ± 5.3e-06"
     assert cell([0.1, 0.1]) == "0.1000 ± 0.0000"
     assert cell([0.5, 0.6]) == "0.5500 ± 0.0500"
+
+
+def test_an_evaluation_record_and_a_grid_interrupted_mid_write_leave_the_old_file(tmp_path, monkeypatch):
+    """A comparison reads RUN/eval/*.json back as its numbers: a kill while one is rewritten must not leave half
+    a file (which would break every later report), and neither may a grid or a plot."""
+    import os
+
+    from PIL import Image
+
+    from zoo.eval import evaluate
+    from zoo.figures import save_grid
+
+    grid = tmp_path / "grid.png"
+    save_grid(torch.zeros(4, 3, 8, 8), grid, nrow=2)
+    before = grid.read_bytes()
+
+    def dies_half_way(self, fp, format=None, **kw):
+        fp.write(b"\x89PNG half")
+        raise KeyboardInterrupt  # as a kill arrives
+
+    monkeypatch.setattr(Image.Image, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_grid(torch.ones(4, 3, 8, 8), grid, nrow=2)
+    assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+    record = tmp_path / "eval" / "step_0000004-judge.json"
+    record.parent.mkdir()
+    record.write_text('{"metrics": {"fid": 0.5}}\n')
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))  # killed before the rename
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.atomic_write_text(record, json.dumps({"metrics": {"fid": 0.4}}))  # the writer of evaluation records
+    assert json.loads(record.read_text()) == {"metrics": {"fid": 0.5}}
+    assert [p.name for p in record.parent.iterdir()] == [record.name]

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zoo.training.checkpoint import atomic_write
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [N, C, H, W] -> uint8 [N, H, W, C] (the layout of ADM's .npz files)."""
@@ -29,8 +31,7 @@ def save_grid(images: torch.Tensor, path, nrow: int, padding: int = 2, scale: in
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
     return path
 
 
@@ -63,6 +64,6 @@ def plot_losses(metrics_path, out_path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    atomic_write(out_path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return Path(out_path)

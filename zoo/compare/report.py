@@ -8,8 +8,10 @@ baseline counts as larger than the seed spread when the two methods' seed ranges
 from __future__ import annotations
 
 import csv
-import shutil
+import io
 from pathlib import Path
+
+from zoo.training.checkpoint import atomic_write, atomic_write_text
 
 CSV_FIELDS = ["method", "seed", "step", "fid", "kid_mean", "kid_std", "precision", "recall", "class_accuracy",
               "parameters", "backbone_parameters", "ms_per_step", "sampling_seconds", "feature_seconds"]
@@ -65,17 +67,18 @@ def separated(a, b) -> int:
 
 
 def write_csv(results, path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in results:
-            for rec in r.records:
-                m = rec["metrics"]
-                writer.writerow({"method": r.method, "seed": r.seed, "step": rec["step"],
-                                 **{k: m.get(k, "") for k in CSV_FIELDS[3:9]}, "parameters": r.parameters,
-                                 "backbone_parameters": r.backbone_parameters, "ms_per_step": r.ms_per_step,
-                                 "sampling_seconds": rec["seconds"]["sampling"],
-                                 "feature_seconds": rec["seconds"]["features"]})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for r in results:
+        for rec in r.records:
+            m = rec["metrics"]
+            writer.writerow({"method": r.method, "seed": r.seed, "step": rec["step"],
+                             **{k: m.get(k, "") for k in CSV_FIELDS[3:9]}, "parameters": r.parameters,
+                             "backbone_parameters": r.backbone_parameters, "ms_per_step": r.ms_per_step,
+                             "sampling_seconds": rec["seconds"]["sampling"],
+                             "feature_seconds": rec["seconds"]["features"]})
+    atomic_write_text(path, text.getvalue())
     return path
 
 
@@ -186,7 +189,7 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
                   "Each failed run's own error (the last line of its log); its folder keeps the checkpoints written "
                   "before it. Rerunning the command retries it.", ""]
         lines += [f"- {method} seed {seed}: {why}" for (method, seed), why in failed.items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -213,7 +216,7 @@ def plot_curves(comp, results, path: Path) -> Path:
     seeds = f"mean over seeds {', '.join(map(str, comp.seeds))}, band: min-max" if len(comp.seeds) > 1 else "one seed"
     fig.suptitle(f"{comp.settings.num_samples} samples, {comp.settings.sampler} {comp.settings.steps} steps; {seeds}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
     return path
 
@@ -231,5 +234,7 @@ def write_report(comp, results, base_cfg, extractor_info: dict, wall_seconds: fl
         # the record may hold a path relative to where `zoo eval` ran; the grid lies beside the record
         grid = Path(first.run_dir) / "eval" / Path(grid).name if grid else None
         if grid and grid.exists():
-            files[f"samples_{method}"] = Path(shutil.copyfile(grid, out / f"samples_{method}.png"))
+            copy = out / f"samples_{method}.png"
+            atomic_write(copy, lambda f: f.write(grid.read_bytes()))
+            files[f"samples_{method}"] = copy
     return files

@@ -24,6 +24,7 @@ from typing import Optional
 
 from zoo.errors import ConfigError, ZooError
 from zoo.eval.evaluate import PROTOCOL, EvalSettings, Evaluator
+from zoo.training.checkpoint import atomic_write_text
 
 
 @dataclass
@@ -259,5 +260,5 @@ def _check_protocol(comp: Comparison) -> None:
             changed = sorted(k for k in protocol if json.loads(json.dumps(protocol[k])) != saved.get(k))
             raise ConfigError(f"{comp.out} holds a comparison with other settings ({', '.join(changed)} differ); "
                               f"use another --out or the same arguments")
-    path.write_text(json.dumps({"protocol": protocol, "methods": comp.methods, "seeds": comp.seeds,
-                                "steps": comp.steps}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"protocol": protocol, "methods": comp.methods, "seeds": comp.seeds,
+                                        "steps": comp.steps}, indent=2) + "\n")

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from zoo.cache import cache_dir, fingerprint
-from zoo.training.checkpoint import atomic_save
+from zoo.training.checkpoint import atomic_save, atomic_write_text
 from zoo.errors import ConfigError, DataError
 from zoo.eval.extractors import build_extractor
 from zoo.eval.metrics import class_accuracy, feature_metrics
@@ -316,7 +316,7 @@ class Evaluator:
             grid = save_grid(images.float() / 127.5 - 1, path.with_name(path.stem + "-grid.png"), nrow=per_class,
                              scale=2 if images.shape[-1] <= 64 else 1)
             record["grid"] = str(grid)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(record, indent=2) + "\n")  # a comparison reads it back as the truth
         record["path"] = str(path)
         return record
 

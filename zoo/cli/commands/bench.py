@@ -44,5 +44,7 @@ def run(args) -> int:
         result = bench_training(config_of(args), steps=args.steps, warmup=args.warmup, peak_tflops=args.peak_tflops)
     print(json.dumps(result, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        from zoo.training.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
     return 0

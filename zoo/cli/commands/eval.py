@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from zoo.errors import ZooError
     from zoo.eval.evaluate import Evaluator, load_samples, print_record
 
+    from zoo.training.checkpoint import atomic_write_text
     from zoo.training.distributed import init_processes
 
     if args.threads:
@@ -128,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out_dir:
             path = Path(args.out_dir) / f"{Path(args.samples).stem}-{record['extractor']}.json"
             record["metrics"] = {k: float(v) for k, v in record["metrics"].items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record, indent=2) + "\n")
+            atomic_write_text(path, json.dumps(record, indent=2) + "\n")
             record["path"] = str(path)
     else:
         record = evaluator.evaluate_checkpoint(args.ckpt, out_dir=args.out_dir, skip_existing=False)
