@@ -393,7 +393,9 @@ class Trainer:
                         "images_per_sec": window_steps * run.batch_size / (now - window_start), "elapsed": now - start}
                 self.log(last)
                 self.check_health(last)
-                bar.set_postfix(loss=f"{last.get('loss', 0.0):.4f}", refresh=False)  # pragma: no mutate
+                shown = "loss" if "loss" in last else "flow"  # methods with several updates log loss/<part>
+                if shown in last:
+                    bar.set_postfix({shown: f"{last[shown]:.4f}"}, refresh=False)  # pragma: no mutate
                 window, window_start, window_steps = {}, now, 0
             if run.ckpt_every and self.step % run.ckpt_every == 0 and self.step < run.steps:
                 if window_steps:  # steps not logged yet: checked before they are saved
