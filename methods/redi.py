@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zoo.data import build_dataset, gather
+from zoo.data import build_dataset, gather, subset_index
 from zoo.teachers import require_one_encoder
 from zoo.teachers.feature_cache import dataset_identity
 from zoo.errors import ConfigError
@@ -125,9 +125,9 @@ class ReDi(Method):
 
     @torch.no_grad()
     def _pca_tokens(self, dataset, num: int, batch_size: int = 256):
-        """The teacher's tokens of `num` training images spread evenly over the set (an image folder is sorted by
-        class, so its first images would be a few classes), unflipped, batch by batch."""
-        chosen = torch.arange(num) * len(dataset) // num
+        """The teacher's tokens of `num` training images drawn over the whole set (`subset_index`: every class in
+        proportion), unflipped, batch by batch."""
+        chosen = subset_index(len(dataset), num)
         for index in chosen.split(batch_size):
             if self.teacher.caches:
                 yield self.teacher.caches[0].lookup(index, torch.zeros_like(index, dtype=torch.bool))

@@ -128,3 +128,22 @@ def test_an_image_folder_without_a_root_is_one_line():
 
     with pytest.raises(DataError, match="data.dataset=folder needs data.root"):
         list_classes("")
+
+
+def test_a_subset_for_statistics_holds_every_class_in_proportion_however_the_set_is_ordered():
+    """The built-in shapes interleave classes (class = index mod 10) and an image folder sorts them: every 10th
+    shape, or a folder's first images, would be one class. The statistics measured on a subset (the SVG latent's
+    mean and std, ReDi's PCA, the VAE's scale, the teacher's mean token) use subset_index instead."""
+    from zoo.data import subset_index
+
+    total, classes, num = 20000, 10, 2000
+    interleaved = torch.arange(total) % classes
+    by_class = torch.arange(total) // (total // classes)
+    assert torch.bincount(interleaved[torch.arange(num) * total // num], minlength=classes).tolist()[1:] == [0] * 9
+    for labels in (interleaved, by_class):
+        index = subset_index(total, num)
+        counts = torch.bincount(labels[index], minlength=classes)
+        assert counts.min() >= 150 and counts.max() <= 250, counts.tolist()  # 200 each, binomial spread
+    assert len(set(index.tolist())) == num and index.tolist() == sorted(index.tolist())
+    assert torch.equal(subset_index(total, num), index)  # fixed seed: the same subset every time
+    assert torch.equal(subset_index(50, 80), torch.arange(50))  # more asked than there are: all of them

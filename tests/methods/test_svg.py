@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from methods.svg import shift_rate, shift_time, shifted_field
-from zoo.data import build_dataset, gather
+from zoo.data import build_dataset, gather, subset_index
 from zoo.errors import ConfigError
 from zoo.flow.samplers import EulerMaruyamaSDE, build_sampler, time_grid
 from zoo.latents.residual_autoencoder import match_distribution
@@ -92,11 +92,14 @@ def test_latent_is_the_teachers_tokens_then_the_residual_channels_standardised(t
 
 
 def test_latent_statistics_standardise_the_training_latents(trained_micro):
-    """The stored mean and std are those of the training images' latents (eval mode), so their states are ~N(0, 1)."""
+    """The stored mean and std are those of the training images' latents (eval mode) on a subset that holds every
+    class (every len/n-th shape would be one class: class = index mod classes), so their states are ~N(0, 1)."""
     method = trained_micro
     ds = build_dataset(method.cfg.data)
     n = method.options.ae_stats_images
-    batch = gather(ds, torch.arange(n) * len(ds) // n, torch.zeros(n, dtype=torch.bool))
+    index = subset_index(len(ds), n)
+    assert len(set(ds.labels[index].tolist())) == method.data.num_classes
+    batch = gather(ds, index, torch.zeros(n, dtype=torch.bool))
     state = method.encode(method.build_model(), batch)
     assert torch.allclose(state.mean(dim=(0, 2, 3)), torch.zeros(state.shape[1]), atol=1e-4)
     assert torch.allclose(state.std(dim=(0, 2, 3)), torch.ones(state.shape[1]), atol=1e-3)

@@ -108,6 +108,17 @@ def as_model_inputs(batch: dict) -> dict:
     return out
 
 
+def subset_index(total: int, num: int, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of `num` of `total` training images, drawn without replacement with a fixed seed, for the
+    statistics measured once on a subset (a token mean, a PCA, a latent's per-channel mean and std). Every class
+    shows up in proportion however the set is ordered: an image folder is sorted by class, so its leading images
+    are a few classes, and the built-in shapes interleave them (class = index mod classes), so evenly spaced
+    indices can all be one class."""
+    if num >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num].sort().values
+
+
 def gather(dataset, index: torch.Tensor, flip: torch.Tensor) -> dict:
     """A batch of (image, label) at `index`, mirrored where `flip`, from in-memory data, a prepared store or an
     image folder; images as floats in [-1, 1]."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from zoo.cache import cache_dir, fingerprint, weights_identity
 from zoo.config import to_dict
-from zoo.data import data_identity, gather, training_images
+from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import CheckpointError, ConfigError, MissingWeightsError
 from zoo.training.helper_lr import warmup_cosine
 
@@ -252,7 +252,8 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     bar.close()
     net.eval()
     with torch.no_grad():
-        probe = gather(dataset, torch.arange(min(len(dataset), 1000)), torch.zeros(min(len(dataset), 1000), dtype=torch.bool))
+        index = subset_index(len(dataset), 1000)  # not the leading images: an image folder is sorted by class
+        probe = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))
         means = torch.cat([net.encode(x).latent_dist.mean for x in probe["image"].split(250)])
     net.register_to_config(scaling_factor=float(1.0 / means.std()), shift_factor=float(means.mean()))
     path = Path(path)

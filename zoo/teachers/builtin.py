@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from zoo.backbones.layers import sincos_pos_embed_2d
 from zoo.cache import cache_dir, fingerprint
 from zoo.training.checkpoint import atomic_save, load_artifact
-from zoo.data import data_identity, gather, shapes_split, training_images
+from zoo.data import data_identity, gather, shapes_split, subset_index, training_images
 from zoo.teachers import Encoder, register_encoder, resize_images
 from zoo.errors import ConfigError, DataError
 from zoo.training.helper_lr import warmup_cosine
@@ -225,7 +225,8 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     seconds = round(time.perf_counter() - start, 1)
-    probe_set = gather(dataset, torch.arange(min(len(dataset), 2000)), torch.zeros(min(len(dataset), 2000), dtype=torch.bool))
+    index = subset_index(len(dataset), 2000)  # not the leading images: an image folder is sorted by class
+    probe_set = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))
     stats = token_statistics(net, ((probe_set["image"] + 1) * 127.5).round().to(torch.uint8))
     state = {"format": TEACHER_FORMAT, "recipe": recipe, "data": data_identity(data_cfg), "shape": shape, **stats,
              "weights": net.state_dict(), "probe_accuracy": probe_accuracy(net, data_cfg, recipe["probe_images"]),
