@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from zoo.data import build_dataset, data_identity, gather, shapes_split
+from zoo.data import build_dataset, data_identity, gather, shapes_split, subset_index
 from zoo.errors import ConfigError
 from zoo.flow.guidance import guided
 from zoo.flow.samplers import AdaptiveODE, EulerODE, HeunODE, time_grid
@@ -236,8 +236,8 @@ class RAE(Method):
                 for index in torch.arange(len(images)).split(250):
                     batch = gather(images, index, torch.zeros(len(index), dtype=torch.bool))
                     yield batch["image"], encoder(batch["image"].to(self.device)).float().cpu()
-            else:                               # a folder: its last images (the decoder samples them too: reported as such)
-                index = torch.arange(max(0, len(dataset) - o.held_out_images), len(dataset))
+            else:  # a folder: a seeded subset of every class (the decoder samples these too: reported as such)
+                index = subset_index(len(dataset), o.held_out_images, seed=1)
                 for part in index.split(250):
                     batch = gather(dataset, part, torch.zeros(len(part), dtype=torch.bool))
                     yield batch["image"], encoder(batch["image"].to(self.device)).float().cpu()

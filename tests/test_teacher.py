@@ -154,3 +154,25 @@ def test_constant_prediction_cosine_is_the_best_mean_cosine_one_vector_reaches()
     assert cos.max() < direct
     assert abs(constant_prediction_cosine(torch.ones(4, 3) * torch.arange(1, 5.)[:, None]) - 1) < 1e-6
     assert constant_prediction_cosine(torch.tensor([[1.0, 0], [-1.0, 0]])) < 1e-6
+
+
+def test_the_probe_on_an_image_folder_trains_and_tests_on_every_class(tmp_path, monkeypatch):
+    """A folder's subset comes in folder order (sorted by class): split in halves, the probe would train on the
+    first classes and be tested on the others."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.teachers import builtin
+
+    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
+        (tmp_path / name).mkdir()
+        for i in range(14):
+            Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(tmp_path / name / f"{i}.png")
+    data = load_config(None, MICRO + ["data.dataset=folder", f"data.root={tmp_path}", "data.num_classes=3",
+                                      "data.image_size=16"]).data
+    seen = {}
+    monkeypatch.setattr(builtin, "pooled_features", lambda net, images: images.float().mean(dim=(2, 3)))
+    monkeypatch.setattr(builtin, "linear_probe", lambda train_x, train_y, test_x, test_y: seen.update(
+        train=set(train_y.tolist()), test=set(test_y.tolist())) or 1.0)
+    builtin.probe_accuracy(None, data, 20)
+    assert seen == {"train": {0, 1, 2}, "test": {0, 1, 2}}
