@@ -133,6 +133,7 @@ def _loop(comp, pending: list, running: dict, failed: dict, jobs: int, threads: 
                 slots = sorted(slots + [slot])
                 if proc.exitcode != 0:
                     log = run_dir / "compare.log"
-                    last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
-                    failed[key] = f"{''.join(last).removeprefix('error: ') or f'exit {proc.exitcode}, no output'} (see {log})"
+                    last = "".join(log.read_text().strip().splitlines()[-1:]) if log.exists() else ""
+                    why = last.removeprefix("error: ") or f"exit {proc.exitcode}, no output"
+                    failed[key] = f"{why} (see {log})"
                 del running[key]
