@@ -21,7 +21,7 @@ REFERENCE_FORMAT = "repa-zoo-reference/1"
 
 def reference_images(data_cfg, num: int) -> tuple:
     """(uint8 images [num, 3, H, W], labels [num]) of the reference split, classes balanced where possible."""
-    from zoo.data import ImageFolder, shapes_split
+    from zoo.data import ImageFolder, shapes_split, subset_index
 
     if data_cfg.dataset == "shapes":
         split = shapes_split(data_cfg, reference=True, num_images=num)
@@ -38,7 +38,7 @@ def reference_images(data_cfg, num: int) -> tuple:
     if len(folder) < num:
         raise DataError(f"the reference needs {num} images but {data_cfg.root} has {len(folder)}; "
                         f"lower the number of reference images")
-    order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(1_000_003))[:num].sort().values
+    order = subset_index(len(folder), num, seed=1_000_003)
     if data_cfg.dataset == "prepared":
         return (torch.from_numpy(folder.gather("image", order.numpy())),
                 torch.from_numpy(folder.gather("label", order.numpy())))

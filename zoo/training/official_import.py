@@ -20,7 +20,7 @@ import torch
 
 from zoo.config import to_dict, to_yaml
 from zoo.errors import CheckpointError, ConfigError
-from zoo.training.checkpoint import FORMAT, atomic_save, atomic_write, checkpoint_path, latest_checkpoint
+from zoo.training.checkpoint import FORMAT, atomic_save, atomic_write_text, checkpoint_path, latest_checkpoint
 from zoo.training.method import DataInfo
 from zoo.training.registry import get_method_class
 
@@ -155,10 +155,10 @@ def import_official(cfg, source, out) -> Imported:
     path = checkpoint_path(out, 0)
     atomic_save({"format": FORMAT, "config": to_dict(cfg), "step": 0, "model": states["model"],
                  "ema": states["ema"], "optimizers": {}, "rng": [], "data": asdict(data)}, path)
-    atomic_write(out / "config.yaml", lambda f: f.write(to_yaml(cfg).encode()))
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
     result = Imported(path, layout, len(states["ema"]), sorted(unused), ignored)
     record = {"source": str(source), "method": cfg.method, "preset": cfg.preset, "layout": layout,
               "mapped_tensors": result.mapped, "unused_keys": result.unused, "ignored_entries": ignored,
               "classes": data.num_classes}
-    atomic_write(out / "import.json", lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    atomic_write_text(out / "import.json", json.dumps(record, indent=2) + "\n")
     return result

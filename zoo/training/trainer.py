@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from zoo.training.checkpoint import FORMAT, atomic_save, atomic_write, checkpoint_path, load_model_weights
+from zoo.training.checkpoint import FORMAT, atomic_save, atomic_write_text, checkpoint_path, load_model_weights
 from zoo.config import to_dict, to_yaml
 from zoo.data import BatchLoader, build_dataset
 from zoo.training.distributed import ProcessInfo, all_gather_objects, barrier, init_processes
@@ -331,7 +331,7 @@ class Trainer:
         if self.proc.is_main and self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.remove_partial_files()
-            atomic_write(self.run_dir / "config.yaml", lambda f: f.write(to_yaml(self.cfg).encode()))
+            atomic_write_text(self.run_dir / "config.yaml", to_yaml(self.cfg))
             self.trim_metrics()
             record_start(self.run_dir, self.step, self.proc.world_size, str(self.device))
             self.logger = RunLogger(self.cfg.train.logger, self.run_dir, self.cfg)
@@ -352,7 +352,7 @@ class Trainer:
         lines = path.read_text().splitlines()
         kept = [line for line in lines if _logged_step(line) <= self.step]  # a half-written last line goes too
         if len(kept) != len(lines):  # rewritten whole or not at all: a kill here loses no history
-            atomic_write(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def window_means(self, window: dict, steps: int) -> dict:
         """Each logged value's mean over the window's steps and, with several processes, over the processes (every
