@@ -1,5 +1,8 @@
-"""Pieces every representation-aligning method shares: the MLP projector, the token-wise cosine, REPA's loss."""
+"""Pieces every representation-aligning method shares: the MLP projector, the token-wise cosine, REPA's loss;
+iREPA's convolutional projector and spatial normalisation."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,3 +36,29 @@ def repa_loss(hidden: Tensor, projectors, targets: list) -> Tensor:
     """L_REPA: the negative token-wise cosine of each projector's output to its encoder's tokens, averaged
     over encoders."""
     return torch.stack([negative_cosine(proj(hidden), y) for proj, y in zip(projectors, targets)]).mean()
+
+
+def spatial_zscore(tokens: Tensor, alpha: float, eps: float = 1e-6) -> Tensor:
+    """iREPA's spatial normalisation of a teacher's tokens [B, N, D], per image over its N tokens:
+    (y - alpha * mean_n y) / (std_n y + eps), std with Bessel's correction (torch's default, as the official code).
+
+    It removes (alpha of) what all tokens of an image share, so the target is the image's spatial structure
+    rather than one global descriptor repeated at every position."""
+    return (tokens - alpha * tokens.mean(dim=1, keepdim=True)) / (tokens.std(dim=1, keepdim=True) + eps)
+
+
+class ConvProjector(nn.Module):
+    """iREPA's projector: one k x k convolution over the token grid in place of REPA's token-wise MLP, so each
+    projected token sees its neighbours. [B, N, C] -> [B, N, D], tokens in row-major grid order."""
+
+    def __init__(self, in_dim: int, out_dim: int, kernel: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=kernel, padding=kernel // 2)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        batch, count, width = hidden.shape
+        side = math.isqrt(count)
+        if side * side != count:
+            raise ValueError(f"the conv projector needs a square token grid, got {count} tokens")
+        grid = hidden.transpose(1, 2).reshape(batch, width, side, side)
+        return self.conv(grid).flatten(2).transpose(1, 2)
