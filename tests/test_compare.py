@@ -314,3 +314,13 @@ def test_the_built_in_vaes_recipe_is_part_of_a_runs_config_only_where_the_run_us
     assert "sit: trained (2 steps)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="another config"):
         train_run(load_config("sit", ["train.steps=2", "sample.num=0", "optim.lr=0.5"], "micro"), run, "sit")
+
+
+def test_every_line_of_the_plot_looks_different_beyond_ten_methods():
+    """matplotlib's default cycle repeats its colours after ten: the twelve-method table plotted SiT and DeepFlow alike."""
+    from zoo.compare.report import line_styles
+
+    styles = line_styles(13)
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles}
+    assert len(looks) == 13
+    assert styles[0]["color"] == styles[10]["color"] and styles[0]["linestyle"] != styles[10]["linestyle"]

@@ -193,6 +193,18 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     return path
 
 
+def line_styles(count: int) -> list:
+    """A distinct look per line: the ten tab10 colours, then the same colours dashed with square markers, then
+    dotted with triangles (matplotlib's default cycle repeats its colours after ten, so an 11th method would wear
+    the first one's)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10"].colors
+    looks = [("-", "o"), ("--", "s"), (":", "^")]
+    return [{"color": colours[i % 10], "linestyle": looks[i // 10 % 3][0], "marker": looks[i // 10 % 3][1]}
+            for i in range(count)]
+
+
 def plot_curves(comp, results, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -201,18 +213,21 @@ def plot_curves(comp, results, path: Path) -> Path:
     metrics = [("fid", "FID (lower is better)")]
     if any("class_accuracy" in rec["metrics"] for r in results for rec in r.records):
         metrics.append(("class_accuracy", "class accuracy of samples"))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    methods = finished_methods(comp, results)
+    styles = dict(zip(methods, line_styles(len(methods))))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics) + 1.5, 4), squeeze=False)
     for ax, (key, title) in zip(axes[0], metrics):
-        for method in finished_methods(comp, results):
+        for method in methods:
             curve = series(results, method, key)
             steps = list(curve)
-            ax.plot(steps, [mean(v) for v in curve.values()], marker="o", label=method)
+            ax.plot(steps, [mean(v) for v in curve.values()], label=method, **styles[method])
             if any(len(v) > 1 for v in curve.values()):
-                ax.fill_between(steps, [min(v) for v in curve.values()], [max(v) for v in curve.values()], alpha=0.2)
+                ax.fill_between(steps, [min(v) for v in curve.values()], [max(v) for v in curve.values()], alpha=0.2,
+                                color=styles[method]["color"])
         ax.set_xlabel("training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0))   # beside the plots, off the curves
     seeds = f"mean over seeds {', '.join(map(str, comp.seeds))}, band: min-max" if len(comp.seeds) > 1 else "one seed"
     fig.suptitle(f"{comp.settings.num_samples} samples, {comp.settings.sampler} {comp.settings.steps} steps; {seeds}")
     fig.tight_layout()
