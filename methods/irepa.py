@@ -58,9 +58,9 @@ class IREPA(REPA):
 
     def build_extras(self, backbone) -> dict:
         backbone.check_layers(self.hidden_layers())
-        return {"projectors": nn.ModuleList(self.projector(backbone.hidden_size, dim) for dim in self.teacher.dims())}
+        return {"projectors": nn.ModuleList(self.build_projector(backbone.hidden_size, dim) for dim in self.teacher.dims())}
 
-    def projector(self, width: int, dim: int) -> nn.Module:
+    def build_projector(self, width: int, dim: int) -> nn.Module:
         """conv: a k x k convolution over the token grid; mlp: REPA's; linear: one token-wise Linear."""
         kind = self.options.projector
         if kind == "conv":
@@ -81,4 +81,4 @@ class IREPA(REPA):
         state, unused = super(REPA, self).from_official(official)
         projector_state, unused = take({k: official[k] for k in unused}, "projectors.", "extras.projectors.")
         inner = ".conv." if self.options.projector == "conv" else "."
-        return {k.replace(".projection_layer.", inner): v for k, v in {**state, **projector_state}.items()}, unused
+        return {**state, **{k.replace(".projection_layer.", inner): v for k, v in projector_state.items()}}, unused

@@ -104,3 +104,10 @@ def test_with_repas_projector_targets_and_weight_it_is_repa(micro_cfg):
 def test_bad_options_name_the_key_and_the_valid_values(micro_cfg, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_method(micro_cfg("irepa", override))
+
+
+def test_spatial_zscore_runs_in_fp32_for_bf16_tokens():
+    tokens = torch.randn(2, 16, 8) + 3.0
+    out = spatial_zscore(tokens.bfloat16(), 0.6)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, spatial_zscore(tokens.bfloat16().float(), 0.6))

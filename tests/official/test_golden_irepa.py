@@ -46,3 +46,25 @@ def test_loss_terms_total_and_gradients_equal_the_official_loss(monkeypatch):
     assert_close(terms["flow"].value, expected["denoising_loss_mean"], what="flow loss")
     assert_close(terms["repa"].value, expected["proj_loss"], what="iREPA loss")
     assert_total_and_grads(method, model, terms, expected["total"], GOLDEN["state_dict"], expected["grads"])
+
+
+def test_the_official_linear_and_mlp_projectors_load_into_the_zoos(monkeypatch):
+    """The official projection_layer_type linear / mlp: the same wrapper key, a Linear or REPA's MLP inside."""
+    import zoo.teachers.teacher
+
+    monkeypatch.setattr(zoo.teachers.teacher, "encoder_dims", lambda names, cfg: CONFIG["z_dims"])
+    hidden, width = CONFIG["hidden_size"], CONFIG["projector_dim"]
+    backbone = {k: v for k, v in GOLDEN["state_dict"].items() if not k.startswith("projectors.")}
+    shapes = {"linear": lambda d: {"weight": (d, hidden), "bias": (d,)},
+              "mlp": lambda d: {"0.weight": (width, hidden), "0.bias": (width,), "2.weight": (width, width),
+                                "2.bias": (width,), "4.weight": (d, width), "4.bias": (d,)}}
+    for kind, layout in shapes.items():
+        official = dict(backbone)
+        for e, dim in enumerate(CONFIG["z_dims"]):
+            official.update({f"projectors.{e}.projection_layer.{k}": torch.randn(shape)
+                             for k, shape in layout(dim).items()})
+        method = official_method("irepa", DataInfo(4, 8, CONFIG["num_classes"]), *IREPA, f"irepa.projector={kind}",
+                                 f"irepa.projector_dim={width}")
+        model = loaded(method, official)   # strict: every key used, every parameter filled
+        assert torch.equal(model.extras["projectors"][1].state_dict()["bias" if kind == "linear" else "4.bias"],
+                           official["projectors.1.projection_layer." + ("bias" if kind == "linear" else "4.bias")])

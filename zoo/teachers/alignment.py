@@ -43,7 +43,9 @@ def spatial_zscore(tokens: Tensor, alpha: float, eps: float = 1e-6) -> Tensor:
     (y - alpha * mean_n y) / (std_n y + eps), std with Bessel's correction (torch's default, as the official code).
 
     It removes (alpha of) what all tokens of an image share, so the target is the image's spatial structure
-    rather than one global descriptor repeated at every position."""
+    rather than one global descriptor repeated at every position. Computed in fp32 whatever the tokens' dtype (a
+    teacher run under bf16 autocast): a standard deviation over 256 tokens in bf16 keeps about two significant digits."""
+    tokens = tokens.float()
     return (tokens - alpha * tokens.mean(dim=1, keepdim=True)) / (tokens.std(dim=1, keepdim=True) + eps)
 
 
