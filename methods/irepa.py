@@ -17,7 +17,7 @@ from torch import nn
 
 from methods.repa import REPA, REPAConfig
 from zoo.errors import ConfigError
-from zoo.teachers.alignment import ConvProjector, projector, spatial_zscore
+from zoo.teachers.alignment import ConvProjector, spatial_zscore
 from zoo.training.registry import register
 
 
@@ -56,16 +56,12 @@ class IREPA(REPA):
             row["teacher"] += f", spatially z-scored (alpha {self.options.zscore_alpha:g})"
         return row
 
-    def build_extras(self, backbone) -> dict:
-        backbone.check_layers(self.hidden_layers())
-        return {"projectors": nn.ModuleList(self.build_projector(backbone.hidden_size, dim) for dim in self.teacher.dims())}
-
     def build_projector(self, width: int, dim: int) -> nn.Module:
         """conv: a k x k convolution over the token grid; mlp: REPA's; linear: one token-wise Linear."""
         kind = self.options.projector
         if kind == "conv":
             return ConvProjector(width, dim, self.options.projector_kernel)
-        return projector(width, self.options.projector_dim, dim) if kind == "mlp" else nn.Linear(width, dim)
+        return super().build_projector(width, dim) if kind == "mlp" else nn.Linear(width, dim)
 
     def targets(self, batch: dict) -> dict:
         tokens = self.teacher.tokens(batch)
@@ -76,9 +72,7 @@ class IREPA(REPA):
     def from_official(self, official: dict) -> tuple[dict, list]:
         """The iREPA LDM SiT: REPA's layout, each projector wrapped as `projectors.{e}.projection_layer` (a Conv2d,
         a Linear or REPA's MLP), which is the zoo's `conv` (ConvProjector) or the projector itself."""
-        from zoo.backbones.official import take
-
-        state, unused = super(REPA, self).from_official(official)
-        projector_state, unused = take({k: official[k] for k in unused}, "projectors.", "extras.projectors.")
+        state, unused = super().from_official(official)   # REPA's: projectors.{e}.* -> extras.projectors.{e}.*
         inner = ".conv." if self.options.projector == "conv" else "."
-        return {**state, **{k.replace(".projection_layer.", inner): v for k, v in projector_state.items()}}, unused
+        return {k.replace(".projection_layer.", inner) if k.startswith("extras.projectors.") else k: v
+                for k, v in state.items()}, unused

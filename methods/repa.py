@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from zoo.training.registry import register
-from zoo.teachers.alignment import projectors, repa_loss
+from zoo.teachers.alignment import projector, repa_loss
 from zoo.teachers.teacher import Teacher, TeacherOptions
 from zoo.training.method import Method, Term
 
@@ -39,7 +41,12 @@ class REPA(Method):
 
     def build_extras(self, backbone) -> dict:
         backbone.check_layers(self.hidden_layers())
-        return {"projectors": projectors(backbone.hidden_size, self.options.projector_dim, self.teacher.dims())}
+        dims = self.teacher.dims()
+        return {"projectors": nn.ModuleList(self.build_projector(backbone.hidden_size, dim) for dim in dims)}
+
+    def build_projector(self, width: int, dim: int) -> nn.Module:
+        """h_phi for one encoder of width `dim`: REPA's MLP (a variant with another projector overrides this)."""
+        return projector(width, self.options.projector_dim, dim)
 
     def setup(self, device, training: bool = True) -> None:
         super().setup(device, training)
