@@ -234,12 +234,12 @@ class RAE(Method):
             if cfg.data.dataset == "shapes":   # the reference split: shapes the decoder was never trained on
                 images = shapes_split(cfg.data, reference=True, num_images=o.held_out_images)
                 for index in torch.arange(len(images)).split(250):
-                    batch = gather(images, index, torch.zeros(len(index), dtype=torch.bool))
+                    batch = gather(images, index)
                     yield batch["image"], encoder(batch["image"].to(self.device)).float().cpu()
             else:  # a folder: a seeded subset of every class (the decoder samples these too: reported as such)
                 index = subset_index(len(dataset), o.held_out_images, seed=1)
                 for part in index.split(250):
-                    batch = gather(dataset, part, torch.zeros(len(part), dtype=torch.bool))
+                    batch = gather(dataset, part)
                     yield batch["image"], encoder(batch["image"].to(self.device)).float().cpu()
 
         return train_token_decoder(self.decoder_recipe(), self.decoder_identity(encoder), self.token_dim(), o.grid,

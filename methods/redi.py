@@ -132,7 +132,7 @@ class ReDi(Method):
             if self.teacher.caches:
                 yield self.teacher.caches[0].lookup(index, torch.zeros_like(index, dtype=torch.bool))
             else:
-                images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
+                images = gather(dataset, index)["image"]
                 yield self.teacher.encoders[0](images.to(self.device)).float().cpu()
 
     # ---------------------------------------------------------------- training

@@ -119,9 +119,11 @@ def subset_index(total: int, num: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num].sort().values
 
 
-def gather(dataset, index: torch.Tensor, flip: torch.Tensor) -> dict:
-    """A batch of (image, label) at `index`, mirrored where `flip`, from in-memory data, a prepared store or an
-    image folder; images as floats in [-1, 1]."""
+def gather(dataset, index: torch.Tensor, flip: torch.Tensor | None = None) -> dict:
+    """A batch of (image, label) at `index`, mirrored where `flip` (None: none mirrored), from in-memory data, a
+    prepared store or an image folder; images as floats in [-1, 1]."""
+    if flip is None:
+        flip = torch.zeros(len(index), dtype=torch.bool)
     if hasattr(dataset, "batch"):
         return as_model_inputs(dataset.batch(index, flip))
     items = [dataset[(int(i), bool(f))] for i, f in zip(index, flip)]

@@ -358,14 +358,14 @@ def train_residual_autoencoder(recipe, teacher, data_cfg, image_size: int, grid:
         bar.set_postfix(l1=f"{l1.item():.4f}", refresh=False)
     bar.close()
     index = subset_index(len(dataset), r.ae_stats_images)
-    train_images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
+    train_images = gather(dataset, index)["image"]
     mean, std = latent_statistics(ae, teacher, train_images.to(device))
     ae.latent_mean.copy_(mean)
     ae.latent_std.copy_(std.clamp_min(1e-6))
     record = {"train_seconds": round(time.perf_counter() - start, 1), "final_l1": l1.item()}
     if data_cfg.dataset == "shapes":
         held_out = shapes_split(data_cfg, reference=True, num_images=min(1000, r.ae_stats_images))
-        images = gather(held_out, torch.arange(len(held_out)), torch.zeros(len(held_out), dtype=torch.bool))["image"]
+        images = gather(held_out, torch.arange(len(held_out)))["image"]
         record["held_out_psnr"] = reconstruction_psnr(ae, teacher, images.to(device))
     record["train_psnr"] = reconstruction_psnr(ae, teacher, train_images[:1000].to(device))
     path = Path(path)

@@ -253,7 +253,7 @@ def train_builtin_vae(cfg, path, progress: bool = True) -> Path:
     net.eval()
     with torch.no_grad():
         index = subset_index(len(dataset), 1000)  # not the leading images: an image folder is sorted by class
-        probe = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))
+        probe = gather(dataset, index)
         means = torch.cat([net.encode(x).latent_dist.mean for x in probe["image"].split(250)])
     net.register_to_config(scaling_factor=float(1.0 / means.std()), shift_factor=float(means.mean()))
     path = Path(path)

@@ -215,7 +215,7 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
         for group in opt.param_groups:
             group["lr"] = recipe["lr"] * warmup_cosine(step, steps)
         index = torch.randint(len(dataset), (recipe["batch_size"],), generator=gen)
-        images = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))["image"]
+        images = gather(dataset, index)["image"]
         views = augment(torch.cat([images, images]), gen)
         z1, z2 = head(net(views).mean(1)).chunk(2)
         loss = vicreg(z1, z2)
@@ -227,7 +227,7 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
     bar.close()
     seconds = round(time.perf_counter() - start, 1)
     index = subset_index(len(dataset), 2000)  # not the leading images: an image folder is sorted by class
-    probe_set = gather(dataset, index, torch.zeros(len(index), dtype=torch.bool))
+    probe_set = gather(dataset, index)
     stats = token_statistics(net, ((probe_set["image"] + 1) * 127.5).round().to(torch.uint8))
     state = {"format": TEACHER_FORMAT, "recipe": recipe, "data": data_identity(data_cfg), "shape": shape, **stats,
              "weights": net.state_dict(), "probe_accuracy": probe_accuracy(net, data_cfg, recipe["probe_images"]),
