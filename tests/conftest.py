@@ -29,6 +29,17 @@ def micro_cfg():
 
 
 @pytest.fixture
+def first_batch():
+    """The first training batch a config's loader gives (step 0, its seed): first_batch(cfg) -> batch dict."""
+    from zoo.data import BatchLoader, build_dataset
+
+    def make(cfg):
+        return next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
+
+    return make
+
+
+@pytest.fixture
 def seeded_loss():
     """Run `method.loss_terms` under a seed, then redraw its t and eps under the same seed, so a test can
     transcribe the loss on the very same noisy input: returns (terms, t, x, x_t)."""

@@ -33,12 +33,6 @@ def perturbed_model(method, seed=0, keep=("acceleration_head",)):
     return model
 
 
-def first_batch(cfg):
-    from zoo.data import BatchLoader, build_dataset
-
-    return next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
-
-
 def replay_draws(seed, x, branches, max_gap):
     """The random draws of DeepFlow.loss_terms, in its order: t, eps, the step's sign, one gap per later branch."""
     torch.manual_seed(seed)
@@ -136,7 +130,7 @@ def test_the_velocity_in_the_acceleration_loss_carries_no_gradient():
     assert v.grad is None and a.grad is not None and a.grad.abs().sum() > 0
 
 
-def test_at_initialisation_the_acceleration_head_is_zero_and_the_method_losses_match_a_replay(micro_cfg):
+def test_at_initialisation_the_acceleration_head_is_zero_and_the_method_losses_match_a_replay(micro_cfg, first_batch):
     method = micro(micro_cfg)
     model = perturbed_model(method)  # all but the acceleration head leave their (zero) initialisation
     batch = first_batch(method.cfg)
@@ -162,7 +156,7 @@ def test_at_initialisation_the_acceleration_head_is_zero_and_the_method_losses_m
     assert model.backbone.acceleration_head.linear.weight.grad.abs().sum() > 0
 
 
-def test_repa_off_loads_no_teacher_and_repa_on_aligns_every_post_vera_state(micro_cfg):
+def test_repa_off_loads_no_teacher_and_repa_on_aligns_every_post_vera_state(micro_cfg, first_batch):
     off = micro(micro_cfg)
     assert off.teacher is None and "projectors" not in off.build_model().extras
     on = micro(micro_cfg, "deepflow.repa=true", "deepflow.feature_cache=never")
@@ -240,7 +234,7 @@ def test_parameter_counts_on_the_meta_device_match_a_transcription_and_the_docs(
     assert f"{n:,}" in DOCS.read_text(), f"docs/methods/deepflow.md should report {preset}: {n:,} parameters"
 
 
-def test_the_acceleration_and_branch_weights_come_from_the_config(micro_cfg):
+def test_the_acceleration_and_branch_weights_come_from_the_config(micro_cfg, first_batch):
     method = build_method(micro_cfg("deepflow", "deepflow.acc_coeff=0.3", "deepflow.weights=[0.1,0.4,0.9]"))
     model = perturbed_model(method)
     terms = method.loss_terms(model, first_batch(method.cfg), TrainContext(0, None))

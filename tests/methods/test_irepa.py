@@ -10,12 +10,6 @@ from zoo.training.generate import build_method
 from zoo.training.method import TrainContext
 
 
-def first_batch(cfg):
-    from zoo.data import BatchLoader, build_dataset
-
-    return next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
-
-
 def test_spatial_zscore_is_the_per_image_formula_over_tokens():
     torch.manual_seed(0)
     tokens = torch.randn(2, 9, 5) + torch.tensor([3.0, -1.0, 0.0, 2.0, 0.5])   # a shared offset per channel
@@ -58,7 +52,7 @@ def test_conv_projector_sums_each_tokens_row_major_neighbourhood():
         proj(torch.randn(1, 8, width))
 
 
-def test_the_method_aligns_to_normalised_tokens_through_the_conv(micro_cfg):
+def test_the_method_aligns_to_normalised_tokens_through_the_conv(micro_cfg, first_batch):
     method = build_method(micro_cfg("irepa", "irepa.feature_cache=never", "model.class_dropout=0"))
     method.setup("cpu")
     model = method.build_model()
@@ -72,7 +66,7 @@ def test_the_method_aligns_to_normalised_tokens_through_the_conv(micro_cfg):
     assert method.used()["teacher"].endswith(", spatially z-scored (alpha 0.6)")   # what its compare row says
 
 
-def test_with_repas_projector_targets_and_weight_it_is_repa(micro_cfg):
+def test_with_repas_projector_targets_and_weight_it_is_repa(micro_cfg, first_batch):
     """projector=mlp, spatial_norm=none, proj_coeff=0.5: the same loss terms as REPA on the same weights."""
     repa = build_method(micro_cfg("repa", "repa.feature_cache=never"))
     irepa = build_method(micro_cfg("irepa", "irepa.feature_cache=never", "irepa.projector=mlp",

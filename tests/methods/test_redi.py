@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from methods.redi import guided_velocity, without_features
-from zoo.data import BatchLoader, build_dataset
 from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance
 from zoo.training.method import TrainContext
@@ -24,10 +23,6 @@ def redi(micro_cfg, *overrides, setup=True):
     if setup:
         method.setup("cpu")
     return method, method.build_model(), cfg
-
-
-def first_batch(cfg):
-    return next(BatchLoader(build_dataset(cfg.data), cfg.data, cfg.train.batch_size, cfg.train.seed).iterate(0))
 
 
 def spy_on_backbone(model):
@@ -75,7 +70,7 @@ def test_merged_embedding_is_x_wx_plus_r_wr_on_a_hand_built_example(micro_cfg):
     assert torch.allclose(tokens, expected, atol=1e-4)
 
 
-def test_joint_noising_uses_one_t_and_independent_noise(micro_cfg):
+def test_joint_noising_uses_one_t_and_independent_noise(micro_cfg, first_batch):
     method, model, cfg = redi(micro_cfg, "redi.feature_dropout=0", "train.batch_size=16")
     batch = first_batch(cfg)
     calls = spy_on_backbone(model)
@@ -103,7 +98,7 @@ def test_joint_noising_uses_one_t_and_independent_noise(micro_cfg):
     assert terms["features"].weight == cfg.redi.feature_weight == 1.0
 
 
-def test_features_are_the_teachers_standardised_pca_coordinates_on_the_state_grid(micro_cfg):
+def test_features_are_the_teachers_standardised_pca_coordinates_on_the_state_grid(micro_cfg, first_batch):
     method, _, cfg = redi(micro_cfg, "redi.feature_cache=never")
     batch = first_batch(cfg)
     tokens = method.teacher.encoders[0](batch["image"])                 # [B, 64, D] on the 8x8 token grid
@@ -115,7 +110,7 @@ def test_features_are_the_teachers_standardised_pca_coordinates_on_the_state_gri
 
 
 @pytest.mark.parametrize("dropped", ["noise", "zeros"])
-def test_feature_dropout_zeroes_the_features_and_removes_the_feature_loss(micro_cfg, dropped):
+def test_feature_dropout_zeroes_the_features_and_removes_the_feature_loss(micro_cfg, dropped, first_batch):
     """Officially the clean features are zeroed before noising, so the model sees sigma_t eps in their channels
     (`noise`); `zeros` zeroes the noisy input instead, as the representation-guidance pass sees it."""
     method, model, cfg = redi(micro_cfg, "redi.feature_dropout=1", f"redi.dropped_features={dropped}")
