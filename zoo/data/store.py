@@ -20,7 +20,6 @@ named in the record) without moving any other image to another shard. Train with
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from zoo.errors import ConfigError, DataError
+from zoo.training.checkpoint import atomic_write, atomic_write_text
 
 FORMAT = "repa-zoo-store/1"
 META, PLAN = "meta.json", "plan.json"
@@ -39,16 +39,11 @@ def shard_path(root: Path, i: int, part: str) -> Path:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def vae_fingerprint(vae) -> str:
