@@ -161,15 +161,18 @@ def test_prepare_continues_a_killed_run_and_names_a_corrupt_shard(store, tmp_pat
     (out / "meta.json").unlink()
     before = (out / "shard_00000.image.npy").stat().st_mtime_ns
     args = ["prepare", "dataset", "--images", str(store["images"]), "--vae", str(store["vae"]), "--out", str(out),
-            "--size", "32", "--shard-size", "5", "--batch-size", "3", "--workers", "0", "--device", "cpu"]
-    result = zoo(*args)  # the fixture's batch size: a VAE call over another batch may round differently
+            "--size", "32", "--shard-size", "5", "--workers", "0", "--device", "cpu"]
+    result = zoo(*args)
     assert result.returncode == 0, result.stderr
     assert "prepared 12 images (3 classes, skipped 1" in result.stdout and "data.dataset=prepared" in result.stdout
     assert (out / "shard_00000.image.npy").stat().st_mtime_ns == before  # finished shards are kept
     assert json.loads((out / "meta.json").read_text())["num_images"] == 12
-    for part in ("image", "mean", "label"):
-        a = np.load(out / f"shard_00002.{part}.npy")
-        assert np.array_equal(a, np.load(store["out"] / f"shard_00002.{part}.npy")), part
+    for part in ("image", "label"):
+        assert np.array_equal(np.load(out / f"shard_00002.{part}.npy"), np.load(store["out"] / f"shard_00002.{part}.npy"))
+    # the VAE's posterior means: the same to float16 rounding (its convolutions over batches of another size, on
+    # another number of threads, may round differently; a wrong image or flip would be off by far more)
+    np.testing.assert_allclose(np.load(out / "shard_00002.mean.npy").astype(np.float32),
+                               np.load(store["out"] / "shard_00002.mean.npy").astype(np.float32), rtol=0, atol=2e-3)
 
     with open(out / "shard_00001.mean.npy", "r+b") as f:
         f.truncate(100)
