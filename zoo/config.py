@@ -147,6 +147,27 @@ class TeacherConfig:
 
 
 @dataclass
+class ClusterTeacherConfig:
+    """The cluster teacher (zoo/teachers/cluster.py, encoder `builtin-cluster`): clusters of the built-in teacher's
+    features, found without labels, and a plain CNN trained to predict them. Every field is part of its cache key."""
+    clusters: int = 0           # K; 0: the data's class count
+    neighbours: int = 20        # nearest images (cosine, in the built-in teacher's pooled tokens) an image must agree with
+    heads: int = 5              # clustering heads trained; the one with the lowest loss assigns the clusters
+    head_steps: int = 1500
+    head_batch: int = 1024
+    entropy_weight: float = 5.0  # SCAN's weight on the entropy of the mean prediction (keeps all clusters in use)
+    stem: int = 16
+    widths: List[int] = field(default_factory=lambda: [32, 64, 128])  # channels of the CNN's stages, each halving
+    stage: int = 2              # tokens: the map after this many stages (16 px images -> 4x4)
+    steps: int = 1000           # the CNN's training on the clusters (~1 min on one CPU thread at 16 px)
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 8_117
+    num_images: int = 20000
+
+
+@dataclass
 class AutoencoderConfig:
     """The built-in VAE (zoo/latents/vae.py), used when data.vae=builtin: a small diffusers AutoencoderKL trained on
     the run's data with L1 + KL (+ a perceptual term on the built-in teacher). Every field is part of its cache key."""
@@ -173,6 +194,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cluster_teacher: ClusterTeacherConfig = field(default_factory=ClusterTeacherConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 

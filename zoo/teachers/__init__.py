@@ -7,6 +7,7 @@ Any aligning method (REPA, REPA-E, DDT, U-REPA, ReDi, ...) asks for teachers by 
 
 Names (`encoder_names()` lists them):
   builtin            the zoo's own small self-supervised ViT, trained on the run's data (zoo/teachers/builtin.py)
+  builtin-cluster    a small CNN trained without labels on clusters of builtin's features (zoo/teachers/cluster.py)
   dinov2-vit-{s,b,l,g}[-reg]   DINOv2 (timm), from a timm weights file, the original .pth, or a torch.hub dir
   clip-vit-{b,l}     CLIP image towers (open_clip), from a local weights file
   timm:<model name>  any timm ViT, from a local weights file
@@ -101,7 +102,7 @@ def register_encoder(names, factory: Callable, dim: Callable, prefix: bool = Fal
 
 
 def _load_families() -> None:
-    from zoo.teachers import builtin, pretrained  # noqa: F401  (each registers its names)
+    from zoo.teachers import builtin, cluster, pretrained  # noqa: F401  (each registers its names)
 
 
 def encoder_names() -> list[str]:

@@ -13,7 +13,9 @@ def register_prepare(targets) -> None:
     p.add_argument("--force", action="store_true", help="retrain even if the cached teacher exists")
     p.add_argument("--out", default=None, help="write the teacher here instead of the cache")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* and teacher.* overrides")
+    p.add_argument("--cluster", action="store_true",
+                   help="the cluster teacher (encoder builtin-cluster, zoo/teachers/cluster.py) instead")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.*, teacher.* and cluster_teacher.* overrides")
     p.set_defaults(func=run)
 
 
@@ -26,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(None, args.overrides, args.preset)
+    if args.cluster:
+        return run_cluster(cfg, args)
     cached = default_teacher_path(cfg.data, cfg.teacher)
     path = args.out or cached
     if args.force or args.out or not cached.exists():
@@ -38,4 +42,21 @@ def run(args: argparse.Namespace) -> int:
                                                   f"{record['token_mean_cosine']:.3f}" if "token_mean_cosine" in record else "")
           + (f"; the best cosine a constant reaches on the centred tokens (teacher.center_tokens=true) "
              f"{record['centred_constant_cosine']:.3f}" if "centred_constant_cosine" in record else ""))
+    return 0
+
+
+def run_cluster(cfg, args: argparse.Namespace) -> int:
+    from zoo.teachers.cluster import default_cluster_path, load_cluster_teacher, train_cluster_teacher
+
+    cached = default_cluster_path(cfg)
+    path = args.out or cached
+    if args.force or args.out or not cached.exists():
+        train_cluster_teacher(cfg, path)
+    _, record = load_cluster_teacher(path)
+    print(f"cluster teacher: {path}\n{record['clusters']} clusters; they agree with the data's classes for "
+          f"{record['purity']:.4f} of the training images (purity; labels are read for this report only); linear "
+          f"probe of the CNN's pooled features on {cfg.teacher.probe_images} held-out images: "
+          f"{record['probe_accuracy']:.4f}; mean cosine of a token to the mean token {record['token_mean_cosine']:.3f}, "
+          f"the best cosine a constant reaches on the centred tokens it gives {record['centred_constant_cosine']:.3f}; "
+          f"built in {record['train_seconds']:.0f} s")
     return 0
