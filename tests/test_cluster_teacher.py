@@ -117,3 +117,10 @@ def test_a_missing_weights_file_names_it_and_how_to_make_it(cfg, tmp_path):
 
     with pytest.raises(CheckpointError, match="c.pt.*zoo prepare teacher --cluster"):
         build_encoders("builtin-cluster", str(tmp_path / "c.pt"), grid=4, cfg=cfg)
+
+
+@pytest.mark.parametrize("override, message", [("cluster_teacher.stage=4", "cluster_teacher.stage=4: it must be 1 .. 3"),
+                                               ("cluster_teacher.heads=0", "cluster_teacher.heads=0: it must be > 0")])
+def test_out_of_range_recipe_values_are_one_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*MICRO, override])

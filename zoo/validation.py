@@ -25,6 +25,10 @@ RULES = {
     "teacher.steps": POSITIVE, "teacher.batch_size": POSITIVE, "teacher.lr": POSITIVE,
     "autoencoder.steps": POSITIVE, "autoencoder.batch_size": POSITIVE, "autoencoder.lr": POSITIVE,
     "autoencoder.perceptual_weight": NON_NEGATIVE, "optim.beta1": FRACTION, "optim.beta2": FRACTION,
+    "cluster_teacher.clusters": NON_NEGATIVE, "cluster_teacher.neighbours": POSITIVE, "cluster_teacher.heads": POSITIVE,
+    "cluster_teacher.head_steps": POSITIVE, "cluster_teacher.head_batch": POSITIVE,
+    "cluster_teacher.entropy_weight": NON_NEGATIVE, "cluster_teacher.steps": POSITIVE,
+    "cluster_teacher.batch_size": POSITIVE, "cluster_teacher.lr": POSITIVE,
 }
 
 
@@ -45,6 +49,9 @@ def check_ranges(cfg) -> None:
             raise ConfigError(f"{key}={value}: it must be {rule}")
     if cfg.train.batch_size % cfg.train.accumulate:
         raise ConfigError(f"train.accumulate={cfg.train.accumulate} must divide train.batch_size={cfg.train.batch_size}")
+    if not 1 <= cfg.cluster_teacher.stage <= len(cfg.cluster_teacher.widths):
+        raise ConfigError(f"cluster_teacher.stage={cfg.cluster_teacher.stage}: it must be 1 .. "
+                          f"{len(cfg.cluster_teacher.widths)} (one per entry of cluster_teacher.widths)")
     low, high = cfg.sample.cfg_interval
     if not 0 <= low <= high <= 1:
         raise ConfigError(f"sample.cfg_interval={[low, high]}: it must be [low, high] with 0 <= low <= high <= 1")
