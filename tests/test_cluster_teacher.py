@@ -124,3 +124,21 @@ def test_a_missing_weights_file_names_it_and_how_to_make_it(cfg, tmp_path):
 def test_out_of_range_recipe_values_are_one_clear_error(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [*MICRO, override])
+
+
+def test_on_an_image_folder_it_uses_a_subset_of_every_class_and_probes_held_out_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("blue", (0, 0, 255)), ("green", (0, 255, 0)), ("red", (255, 0, 0))):
+        (tmp_path / name).mkdir()
+        for i in range(20):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    cfg = load_config(None, [*MICRO, "data.dataset=folder", f"data.root={tmp_path}", "data.num_classes=3",
+                             "data.image_size=16", "cluster_teacher.num_images=45", "cluster_teacher.batch_size=16",
+                             "teacher.batch_size=16", "teacher.probe_images=10"])
+    _, record = load_cluster_teacher(ensure_cluster_teacher(cfg, progress=False))
+    assert record["clusters"] == 3 and 0 <= record["probe_accuracy"] <= 1  # the folder's probe, not NaN
+    assert record["purity"] > 0.5  # three solid colours: the clusters follow them on the 45-image subset

@@ -164,7 +164,7 @@ class ClusterTeacherConfig:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     seed: int = 8_117
-    num_images: int = 20000
+    num_images: int = 20000     # images clustered and trained on (an image folder: a seeded subset, every class in it)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,16 +156,16 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def probe_accuracy(net: TeacherViT, data_cfg, num: int) -> float:
-    """Linear probe trained on `num` training images, tested on `num` images of the held-out split."""
+def probe_accuracy(features: Callable[[Tensor], Tensor], data_cfg, num: int) -> float:
+    """Linear probe of `features` (uint8 images [B, 3, H, W] -> [B, D]) trained on `num` training images, tested on
+    `num` images of the held-out split."""
     if data_cfg.dataset == "shapes":
         train, test = shapes_split(data_cfg, num_images=num), shapes_split(data_cfg, reference=True, num_images=num)
-        return linear_probe(pooled_features(net, train.images), train.labels,
-                            pooled_features(net, test.images), test.labels)
+        return linear_probe(features(train.images), train.labels, features(test.images), test.labels)
     from zoo.eval.reference import reference_images  # a folder: a seeded subset, split in two
 
     images, labels = reference_images(data_cfg, 2 * num)
-    feats = pooled_features(net, images)
+    feats = features(images)
     # alternate images, not halves: the subset is in folder order (sorted by class), so its halves share no class
     return linear_probe(feats[0::2], labels[0::2], feats[1::2], labels[1::2])
 
@@ -202,7 +203,8 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
     shape = dict(image_size=data_cfg.image_size, patch=recipe["patch"], width=recipe["width"],
                  depth=recipe["depth"], heads=recipe["heads"])
     net = TeacherViT(**shape)
-    random_probe = probe_accuracy(net, data_cfg, recipe["probe_images"])
+    pooled = lambda images: pooled_features(net, images)  # noqa: E731
+    random_probe = probe_accuracy(pooled, data_cfg, recipe["probe_images"])
     head = expander(recipe["width"], recipe["expander"])
     params = [*net.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
@@ -230,7 +232,7 @@ def train_teacher(data_cfg, recipe, path=None, progress: bool = True) -> Path:
     probe_set = gather(dataset, index)
     stats = token_statistics(net, ((probe_set["image"] + 1) * 127.5).round().to(torch.uint8))
     state = {"format": TEACHER_FORMAT, "recipe": recipe, "data": data_identity(data_cfg), "shape": shape, **stats,
-             "weights": net.state_dict(), "probe_accuracy": probe_accuracy(net, data_cfg, recipe["probe_images"]),
+             "weights": net.state_dict(), "probe_accuracy": probe_accuracy(pooled, data_cfg, recipe["probe_images"]),
              "random_init_probe_accuracy": random_probe, "train_seconds": seconds, "key": teacher_key(data_cfg, recipe)}
     atomic_save(state, path)
     return path

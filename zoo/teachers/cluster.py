@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.cache import cache_dir, fingerprint
-from zoo.data import data_identity, gather, shapes_split, subset_index, training_images
+from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import ConfigError, DataError
 from zoo.teachers import Encoder, register_encoder
-from zoo.teachers.builtin import (constant_prediction_cosine, ensure_teacher, linear_probe, load_teacher,
+from zoo.teachers.builtin import (constant_prediction_cosine, ensure_teacher, load_teacher, probe_accuracy,
                                   teacher_key)
 from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.training.helper_lr import warmup_cosine
@@ -166,7 +166,9 @@ def train_cluster_teacher(cfg, path=None, progress: bool = True) -> Path:
         raise DataError(f"the cluster teacher needs at least one batch of {recipe['batch_size']} images; "
                         f"the data has {len(dataset)}")
     start = time.perf_counter()
-    every = gather(dataset, torch.arange(len(dataset)))
+    # the built-in shapes are exactly num_images; an image folder may be far larger: a seeded subset, all classes
+    pool = subset_index(len(dataset), recipe["num_images"])
+    every = gather(dataset, pool)
     clusters = cluster_count(cfg)
     assigned, scan_final = scan_clusters(_pooled_vit_features(cfg, every["image"]), recipe, clusters)
     torch.manual_seed(recipe["seed"])
@@ -177,37 +179,33 @@ def train_cluster_teacher(cfg, path=None, progress: bool = True) -> Path:
                mininterval=1.0)
     net.train()
     for step in bar:
-        index = torch.randint(len(dataset), (recipe["batch_size"],), generator=gen)
+        pick = torch.randint(len(pool), (recipe["batch_size"],), generator=gen)
         flip = torch.rand(recipe["batch_size"], generator=gen) < 0.5
         for group in opt.param_groups:
             group["lr"] = recipe["lr"] * warmup_cosine(step, recipe["steps"])
-        loss = F.cross_entropy(net(gather(dataset, index, flip)["image"]), assigned[index])
+        loss = F.cross_entropy(net(gather(dataset, pool[pick], flip)["image"]), assigned[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     net.eval()
-    probe_index = subset_index(len(dataset), 2000)
+    probe_index = subset_index(len(pool), 2000)
     with torch.no_grad():
         tokens = net.features(every["image"][probe_index], recipe["stage"]).flatten(2).transpose(1, 2).flatten(0, 1)
     state = {"format": CLUSTER_FORMAT, "recipe": recipe, "clusters": clusters, "data": data_identity(cfg.data),
              "weights": net.state_dict(), **token_statistics(tokens), "scan_loss": scan_final,
-             "purity": purity(assigned, every["label"]), "probe_accuracy": _probe(net, cfg),
+             "purity": purity(assigned, every["label"]),
+             "probe_accuracy": probe_accuracy(lambda images: _pooled(net, images), cfg.data, cfg.teacher.probe_images),
              "train_seconds": round(time.perf_counter() - start, 1), "key": cluster_key(cfg)}
     atomic_save(state, path)
     return path
 
 
-def _probe(net: ClusterNet, cfg) -> float:
-    """Linear probe of the pooled last map, on held-out images (for the report; labels are read here only)."""
-    if cfg.data.dataset != "shapes":
-        return float("nan")
-    num = cfg.teacher.probe_images
-    train, test = shapes_split(cfg.data, num_images=num), shapes_split(cfg.data, reference=True, num_images=num)
-    with torch.no_grad():
-        pooled = lambda images: net.features(images.float() / 127.5 - 1, len(net.stages)).mean(dim=(2, 3))  # noqa: E731
-        return linear_probe(pooled(train.images), train.labels, pooled(test.images), test.labels)
+@torch.no_grad()
+def _pooled(net: ClusterNet, images: Tensor) -> Tensor:
+    """uint8 images -> the pooled last map [B, widths[-1]], for the linear probe."""
+    return torch.cat([net.features(x.float() / 127.5 - 1, len(net.stages)).mean(dim=(2, 3)) for x in images.split(500)])
 
 
 def load_cluster_teacher(path) -> tuple:
