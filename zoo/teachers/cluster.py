@@ -88,14 +88,18 @@ def nearest_neighbours(features: Tensor, k: int, chunk: int = 2000) -> Tensor:
     return torch.cat(out)
 
 
-def scan_clusters(features: Tensor, recipe: dict, clusters: int) -> tuple[Tensor, float]:
+def scan_clusters(features: Tensor, recipe: dict, clusters: int, progress: bool = False) -> tuple[Tensor, float]:
     """Cluster of every row of `features` [N, D] from the best (lowest-loss) of recipe['heads'] SCAN heads."""
+    from tqdm import tqdm
+
     features = (features - features.mean(0)) / (features.std(0) + 1e-6)
     k = min(recipe["neighbours"], len(features) - 1)
     neighbours = nearest_neighbours(features, k)
     gen = torch.Generator().manual_seed(recipe["seed"])
     batch = min(recipe["head_batch"], len(features))
     best = None
+    bar = tqdm(total=recipe["heads"] * recipe["head_steps"], desc="cluster heads", unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
     for head_index in range(recipe["heads"]):
         torch.manual_seed(recipe["seed"] + head_index)
         head = nn.Sequential(nn.Linear(features.shape[1], 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, clusters))
@@ -108,12 +112,14 @@ def scan_clusters(features: Tensor, recipe: dict, clusters: int) -> tuple[Tensor
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            bar.update()
         head.eval()
         with torch.no_grad():
             logits = head(features)
             final, _ = scan_loss(logits, logits[neighbours[:, 0]], recipe["entropy_weight"])
         if best is None or final.item() < best[0]:
             best = (final.item(), logits.argmax(1))
+    bar.close()
     return best[1], best[0]
 
 
@@ -170,7 +176,7 @@ def train_cluster_teacher(cfg, path=None, progress: bool = True) -> Path:
     pool = subset_index(len(dataset), recipe["num_images"])
     every = gather(dataset, pool)
     clusters = cluster_count(cfg)
-    assigned, scan_final = scan_clusters(_pooled_vit_features(cfg, every["image"]), recipe, clusters)
+    assigned, scan_final = scan_clusters(_pooled_vit_features(cfg, every["image"]), recipe, clusters, progress)
     torch.manual_seed(recipe["seed"])
     net = ClusterNet(clusters, recipe["stem"], tuple(recipe["widths"]))
     opt = torch.optim.AdamW(net.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
