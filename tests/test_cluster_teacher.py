@@ -7,8 +7,9 @@ import torch
 from zoo.config import load_config
 from zoo.errors import ConfigError
 from zoo.teachers import build_encoders, encoder_dims
+from zoo.teachers.builtin import token_direction_statistics
 from zoo.teachers.cluster import (ClusterNet, default_cluster_path, ensure_cluster_teacher, load_cluster_teacher,
-                                  nearest_neighbours, purity, scan_clusters, scan_loss, token_statistics)
+                                  nearest_neighbours, purity, scan_clusters, scan_loss)
 
 MICRO = ["preset=micro", "train.device=cpu", "cluster_teacher.steps=20", "cluster_teacher.head_steps=30",
          "cluster_teacher.heads=2", "cluster_teacher.num_images=256", "cluster_teacher.neighbours=5"]
@@ -55,7 +56,7 @@ def test_scan_finds_well_separated_groups_without_labels():
 
 def test_token_statistics_of_tokens_that_share_one_direction():
     tokens = torch.tensor([[1.0, 0.1], [1.0, -0.1], [1.0, 0.3], [1.0, -0.3]])
-    stats = token_statistics(tokens)
+    stats = token_direction_statistics(tokens)
     torch.testing.assert_close(stats["token_mean"], torch.tensor([1.0, 0.0]))
     assert stats["token_mean_cosine"] > 0.95            # raw: all near the mean's direction
     assert stats["centred_constant_cosine"] < 1e-6      # centred: +-0.1 and +-0.3 along y cancel

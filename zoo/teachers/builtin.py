@@ -175,7 +175,12 @@ def token_statistics(net: TeacherViT, images: Tensor) -> dict:
     """The dataset's mean token and how much the tokens share its direction (the mean cosine of a token to the mean
     token). Near 1, a projector satisfies most of REPA's cosine loss by predicting that one vector for every token."""
     net.eval()
-    tokens = torch.cat([net(x.float() / 127.5 - 1) for x in images.split(250)]).flatten(0, 1)
+    return token_direction_statistics(torch.cat([net(x.float() / 127.5 - 1) for x in images.split(250)]).flatten(0, 1))
+
+
+def token_direction_statistics(tokens: Tensor) -> dict:
+    """For tokens [M, D]: their mean token, the mean cosine of a token to it, and the best cosine one constant reaches
+    against the centred tokens (what a teacher's record stores and `zoo prepare teacher` prints)."""
     mean = tokens.mean(0)
     return {"token_mean": mean, "token_mean_cosine": float(F.cosine_similarity(tokens, mean[None], dim=1).mean()),
             "centred_constant_cosine": constant_prediction_cosine(tokens - mean)}

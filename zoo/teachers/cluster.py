@@ -33,8 +33,8 @@ from zoo.cache import cache_dir, fingerprint
 from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import ConfigError, DataError
 from zoo.teachers import Encoder, register_encoder
-from zoo.teachers.builtin import (constant_prediction_cosine, ensure_teacher, load_teacher, probe_accuracy,
-                                  teacher_key)
+from zoo.teachers.builtin import (ensure_teacher, load_teacher, probe_accuracy, teacher_key,
+                                  token_direction_statistics)
 from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.training.helper_lr import warmup_cosine
 
@@ -123,14 +123,6 @@ def scan_clusters(features: Tensor, recipe: dict, clusters: int, progress: bool 
     return best[1], best[0]
 
 
-def token_statistics(tokens: Tensor) -> dict:
-    """The mean token [D] of `tokens` [M, D], the mean cosine of a token to it, and the best cosine one constant
-    reaches against the centred tokens (the measures the built-in teacher reports, zoo/teachers/builtin.py)."""
-    mean = tokens.mean(0)
-    return {"token_mean": mean, "token_mean_cosine": float(F.cosine_similarity(tokens, mean[None], dim=1).mean()),
-            "centred_constant_cosine": constant_prediction_cosine(tokens - mean)}
-
-
 def purity(clusters: Tensor, labels: Tensor) -> float:
     """The share of images whose cluster's most common class is their own (evaluation only)."""
     hits = sum(int(torch.bincount(labels[clusters == c]).max()) for c in clusters.unique())
@@ -200,7 +192,7 @@ def train_cluster_teacher(cfg, path=None, progress: bool = True) -> Path:
     with torch.no_grad():
         tokens = net.features(every["image"][probe_index], recipe["stage"]).flatten(2).transpose(1, 2).flatten(0, 1)
     state = {"format": CLUSTER_FORMAT, "recipe": recipe, "clusters": clusters, "data": data_identity(cfg.data),
-             "weights": net.state_dict(), **token_statistics(tokens), "scan_loss": scan_final,
+             "weights": net.state_dict(), **token_direction_statistics(tokens), "scan_loss": scan_final,
              "purity": purity(assigned, every["label"]),
              "probe_accuracy": probe_accuracy(lambda images: _pooled(net, images), cfg.data, cfg.teacher.probe_images),
              "train_seconds": round(time.perf_counter() - start, 1), "key": cluster_key(cfg)}
