@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -27,3 +28,15 @@ def weights_identity(path: Path | None):
         return "random-init"
     stat = path.stat()
     return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+@contextmanager
+def caller_random_state():
+    """Build something once (a teacher, judge, VAE, decoder) without moving the caller's random numbers: the builders
+    seed torch for their own reproducibility, and a run that trains its teacher on first use would otherwise start
+    from other weights than the same run finding the teacher cached. The CPU generator is what the trainer draws its
+    initial weights from; each run re-seeds every device's generator after its set-up."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        yield

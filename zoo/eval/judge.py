@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.cache import cache_dir, fingerprint
+from zoo.cache import cache_dir, caller_random_state, fingerprint
 from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, training_images
 from zoo.training.helper_lr import warmup_cosine
@@ -158,7 +158,8 @@ def ensure_judge(data_cfg, recipe: JudgeRecipe = JudgeRecipe(), progress: bool =
     path = default_judge_path(data_cfg, recipe)
     if not path.exists():
         print(f"training the evaluation network (judge) for this data once; it is cached at {path}", file=sys.stderr)
-        train_judge(data_cfg, recipe, path, progress)
+        with caller_random_state():
+            train_judge(data_cfg, recipe, path, progress)
     return path
 
 

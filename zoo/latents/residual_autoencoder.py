@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.cache import caller_random_state
 from zoo.errors import ConfigError
 from zoo.latents.discriminator import PatchDiscriminator, hinge_loss
 
@@ -391,5 +392,6 @@ def ensure_residual_autoencoder(path: Path, train, progress_note: str) -> Path:
     """The cached autoencoder at `path`, trained first (`train(path)`) when it is not there yet."""
     if not Path(path).exists():
         print(progress_note.format(path=path), file=sys.stderr)
-        train(path)
+        with caller_random_state():
+            train(path)
     return Path(path)

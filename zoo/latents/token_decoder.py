@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.backbones.layers import sincos_pos_embed_2d, unpatchify
-from zoo.cache import cache_dir, fingerprint
+from zoo.cache import cache_dir, caller_random_state, fingerprint
 from zoo.errors import ConfigError
 from zoo.training.checkpoint import atomic_save, load_artifact
 
@@ -261,5 +261,6 @@ def ensure_token_decoder(path: Path, train: Callable[[], Path], what: str) -> Pa
     """The decoder at `path`, trained first (and said so) when it is not there."""
     if not Path(path).exists():
         print(f"training the {what} once; it is cached at {path}", file=sys.stderr)
-        train()
+        with caller_random_state():
+            train()
     return Path(path)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.cache import cache_dir, fingerprint, weights_identity
+from zoo.cache import cache_dir, caller_random_state, fingerprint, weights_identity
 from zoo.config import to_dict
 from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import CheckpointError, ConfigError, MissingWeightsError
@@ -200,7 +200,8 @@ def ensure_builtin_vae(cfg, progress: bool = True) -> Path:
     path = builtin_vae_dir(cfg)
     if not (path / "config.json").exists():
         print(f"training the built-in VAE for this data once; it is cached at {path}", file=sys.stderr)
-        train_builtin_vae(cfg, path, progress)
+        with caller_random_state():
+            train_builtin_vae(cfg, path, progress)
     return path
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.backbones.layers import sincos_pos_embed_2d
-from zoo.cache import cache_dir, fingerprint
+from zoo.cache import cache_dir, caller_random_state, fingerprint
 from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.data import data_identity, gather, shapes_split, subset_index, training_images
 from zoo.teachers import Encoder, register_encoder, resize_images
@@ -256,7 +256,8 @@ def ensure_teacher(cfg, progress: bool = True) -> Path:
     path = default_teacher_path(cfg.data, cfg.teacher)
     if not path.exists():
         print(f"training the built-in teacher encoder for this data once; it is cached at {path}", file=sys.stderr)
-        train_teacher(cfg.data, cfg.teacher, path, progress)
+        with caller_random_state():
+            train_teacher(cfg.data, cfg.teacher, path, progress)
     return path
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.cache import cache_dir, fingerprint
+from zoo.cache import cache_dir, caller_random_state, fingerprint
 from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import ConfigError, DataError
 from zoo.teachers import Encoder, register_encoder
@@ -220,7 +220,8 @@ def ensure_cluster_teacher(cfg, progress: bool = True) -> Path:
     if not path.exists():
         print(f"training the cluster teacher for this data once (the built-in teacher first, if needed); it is "
               f"cached at {path}", file=sys.stderr)
-        train_cluster_teacher(cfg, path, progress)
+        with caller_random_state():
+            train_cluster_teacher(cfg, path, progress)
     return path
 
 
