@@ -33,7 +33,7 @@ from zoo.cache import cache_dir, caller_random_state, fingerprint
 from zoo.data import data_identity, gather, subset_index, training_images
 from zoo.errors import ConfigError, DataError
 from zoo.teachers import Encoder, register_encoder
-from zoo.teachers.builtin import (ensure_teacher, load_teacher, probe_accuracy, teacher_key,
+from zoo.teachers.builtin import (ensure_teacher, load_teacher, pooled_features, probe_accuracy, teacher_key,
                                   token_direction_statistics)
 from zoo.training.checkpoint import atomic_save, load_artifact
 from zoo.training.helper_lr import warmup_cosine
@@ -148,9 +148,9 @@ def cluster_count(cfg) -> int:
 
 
 def _pooled_vit_features(cfg, images: Tensor) -> Tensor:
-    vit, _ = load_teacher(ensure_teacher(cfg))  # trained first if needed (outside no_grad)
-    with torch.no_grad():
-        return torch.cat([vit(x).mean(1) for x in images.split(500)])
+    """The built-in teacher's pooled tokens of images in [-1, 1] (trained first if needed), as its probe reads them."""
+    vit, _ = load_teacher(ensure_teacher(cfg))  # frozen: no graph is kept
+    return pooled_features(vit, ((images + 1) * 127.5).round().to(torch.uint8))
 
 
 def train_cluster_teacher(cfg, path=None, progress: bool = True) -> Path:
