@@ -121,6 +121,23 @@ def test_unknown_method_lists_the_known_ones(tmp_path, tiny_judge):
         run_comparison(comparison(tmp_path / "cmp", tiny_judge, ["sit", "nope"]))
 
 
+def test_an_override_in_a_methods_own_section_goes_to_that_method_only(tmp_path, tiny_judge):
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit", "repa", "repa_e"])
+    comp.overrides += ["repa.proj_coeff=2.0", "repa_e.proj_coeff=3.0", "repa_e.encoder_depth=1"]
+    assert "repa" not in run_config(comp, "sit", 0) and "repa_e" not in run_config(comp, "sit", 0)
+    repa, repa_e = run_config(comp, "repa", 0), run_config(comp, "repa_e", 0)
+    assert repa.repa.proj_coeff == 2.0 and repa.train.device == "cpu"
+    assert (repa_e.repa_e.proj_coeff, repa_e.repa_e.encoder_depth) == (3.0, 1)
+
+
+def test_an_override_for_a_method_not_compared_is_refused(tmp_path, tiny_judge):
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit", "repa"])
+    comp.overrides += ["ddt.proj_coeff=2.0"]
+    with pytest.raises(ConfigError, match="ddt.proj_coeff=2.0.*ddt, which is not in --methods"):
+        run_comparison(comp)
+    assert not (tmp_path / "cmp").exists()  # refused before anything is written
+
+
 def test_steps_to_reach_interpolates_between_evaluation_points():
     curve = {100: [0.5, 0.5], 200: [0.3, 0.3], 300: [0.1, 0.1]}
     assert steps_to_reach(curve, 0.2) == (250, True)

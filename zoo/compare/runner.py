@@ -64,10 +64,36 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def method_section(override: str) -> str:
+    """The top-level config section an override sets: `repa.proj_coeff=2` -> `repa`."""
+    return override.split("=", 1)[0].split(".", 1)[0].strip()
+
+
+def overrides_for(method: str, overrides: list) -> list:
+    """The overrides of one method's runs: an override in another method's section (repa.encoder=... while
+    running sit) belongs to that method alone, so one command can set several methods' own options."""
+    from zoo.training.registry import available_methods
+
+    others = set(available_methods()) - {method}
+    return [o for o in overrides if method_section(o) not in others]
+
+
+def check_method_overrides(methods: list, overrides: list) -> None:
+    """An override of a method's own section must name a compared method, or it would silently do nothing."""
+    from zoo.training.registry import available_methods
+
+    known = set(available_methods())
+    for override in overrides:
+        section = method_section(override)
+        if section in known and section not in methods:
+            raise ConfigError(f"override {override!r} sets an option of {section}, which is not in --methods "
+                              f"({','.join(methods)})")
+
+
 def run_config(comp: Comparison, method: str, seed: int):
     from zoo.config import load_config
 
-    overrides = [*comp.overrides, f"train.steps={comp.steps}", f"train.ckpt_every={comp.eval_every}",
+    overrides = [*overrides_for(method, comp.overrides), f"train.steps={comp.steps}", f"train.ckpt_every={comp.eval_every}",
                  f"train.seed={seed}", "train.sample_every=0", "sample.num=0", f"train.run_name={method}-seed{seed}",
                  f"train.out_dir={comp.out / 'runs'}"]
     if comp.device != "auto":
@@ -204,6 +230,7 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
         raise ConfigError(f"need 1 <= --eval-every <= --steps, got {comp.eval_every} and {comp.steps}")
     for name in comp.methods:
         get_method_class(name)  # unknown names fail here, with the list of known ones
+    check_method_overrides(comp.methods, comp.overrides)
     comp.out = Path(comp.out)
     configs = {(m, s): run_config(comp, m, s) for m in comp.methods for s in comp.seeds}
     check_same_budget({m: configs[(m, comp.seeds[0])] for m in comp.methods})

@@ -34,7 +34,7 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, one process each (e.g. 2 single-thread runs on 2 cores)")
     p.add_argument("--device", default="auto")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run; one in a method's own section (repa.proj_coeff=2) to that method's runs only")
     p.set_defaults(func=run)
 
 
