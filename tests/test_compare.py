@@ -230,7 +230,7 @@ def test_a_failed_run_leaves_a_report_of_the_finished_ones(tmp_path, tiny_judge,
     line = next(l for l in table.splitlines() if l.startswith(f"| {DivergesOnSeed1.name} |") and "ms/step" not in l)
     assert cell([records[(DivergesOnSeed1.name, 0, 4)]["metrics"]["fid"]]) + " |" in line  # its one seed, no spread
     assert "1 run(s) did not finish" in table
-    assert f"## Runs that did not finish\n" in table
+    assert "## Runs that did not finish\n" in table
     assert f"- {DivergesOnSeed1.name} seed 1: the loss is not finite (flow=nan)" in table
     assert (out / f"samples_{DivergesOnSeed1.name}.png").exists()
     assert len(list(csv.DictReader(open(out / "results.csv")))) == len(records)
