@@ -138,6 +138,19 @@ def test_an_override_for_a_method_not_compared_is_refused(tmp_path, tiny_judge):
     assert not (tmp_path / "cmp").exists()  # refused before anything is written
 
 
+def test_the_table_says_which_overrides_went_to_one_method_only(tmp_path, tiny_judge, zoo_cache):
+    out = tmp_path / "cmp"
+    comp = comparison(out, tiny_judge, ["sit"])
+    comp.seeds, comp.steps = [0], 2
+    run_comparison(comp)
+    assert "Overrides for every run: train.device=cpu.\n" in (out / "table.md").read_text()
+    comp = comparison(tmp_path / "cmp2", tiny_judge, ["sit", "repa"])
+    comp.seeds, comp.steps, comp.overrides = [0], 2, [*comp.overrides, "repa.encoder_depth=1"]
+    run_comparison(comp)
+    assert ("train.device=cpu repa.encoder_depth=1 (one in a method's own section, such as repa.*, for that "
+            "method's runs only).") in (tmp_path / "cmp2" / "table.md").read_text()
+
+
 def test_steps_to_reach_interpolates_between_evaluation_points():
     curve = {100: [0.5, 0.5], 200: [0.3, 0.3], 300: [0.1, 0.1]}
     assert steps_to_reach(curve, 0.2) == (250, True)

@@ -111,6 +111,9 @@ def finished_methods(comp, results) -> list:
 
 def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_seconds: float,
                 failed: dict) -> Path:
+    from zoo.compare.runner import method_section
+    from zoo.training.registry import available_methods
+
     methods, steps, baseline = finished_methods(comp, results), comp.eval_points(), comp.methods[0]
     info = {r.method: r for r in results}
     ms = {m: mean([r.ms_per_step for r in results if r.method == m]) for m in methods}
@@ -121,6 +124,7 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     evals = [sum(rec["seconds"].values()) for r in results for rec in r.records]
     eval_min, eval_each = sum(evals) / 60, mean(evals)
     scale = f" ({d.shape_scale}x the default size)" if d.dataset == "shapes" and d.shape_scale != 1 else ""
+    scoped = any(method_section(o) in available_methods() for o in comp.overrides)
     lines = [
         f"# Side-by-side comparison: {', '.join(methods)} (baseline: {baseline})", "",
         f"- Data: {d.dataset}{scale}, {d.num_images} training images, {d.image_size}x{d.image_size}, "
@@ -128,7 +132,8 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
         f"model preset {base_cfg.preset} (model.size={base_cfg.model.size}, patch {base_cfg.model.patch}); "
         f"batch {base_cfg.train.batch_size}; {comp.steps} steps; evaluated every {comp.eval_every} steps.",
         f"- Training seeds: {', '.join(map(str, comp.seeds))}. Overrides for every run: "
-        f"{' '.join(comp.overrides) or '(none)'}."
+        f"{' '.join(comp.overrides) or '(none)'}"
+        + (" (one in a method's own section, such as repa.*, for that method's runs only)." if scoped else ".")
         + (f" **{len(failed)} run(s) did not finish** (listed at the end); a row averages the seeds that did."
            if failed else ""),
         f"- Evaluation: {s.num_samples} class-balanced samples, {s.sampler}/{s.solver} {s.steps} steps, CFG "
