@@ -111,8 +111,7 @@ def finished_methods(comp, results) -> list:
 
 def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_seconds: float,
                 failed: dict) -> Path:
-    from zoo.compare.runner import method_section
-    from zoo.training.registry import available_methods
+    from zoo.compare.runner import method_of
 
     methods, steps, baseline = finished_methods(comp, results), comp.eval_points(), comp.methods[0]
     info = {r.method: r for r in results}
@@ -124,7 +123,7 @@ def write_table(comp, results, base_cfg, extractor_info: dict, path: Path, wall_
     evals = [sum(rec["seconds"].values()) for r in results for rec in r.records]
     eval_min, eval_each = sum(evals) / 60, mean(evals)
     scale = f" ({d.shape_scale}x the default size)" if d.dataset == "shapes" and d.shape_scale != 1 else ""
-    scoped = any(method_section(o) in available_methods() for o in comp.overrides)
+    scoped = any(method_of(o) for o in comp.overrides)
     lines = [
         f"# Side-by-side comparison: {', '.join(methods)} (baseline: {baseline})", "",
         f"- Data: {d.dataset}{scale}, {d.num_images} training images, {d.image_size}x{d.image_size}, "

@@ -64,29 +64,27 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def method_section(override: str) -> str:
-    """The top-level config section an override sets: `repa.proj_coeff=2` -> `repa`."""
-    return override.split("=", 1)[0].split(".", 1)[0].strip()
+def method_of(override: str):
+    """The registered method whose own config section an override sets (`repa.proj_coeff=2` -> `repa`), or None
+    for a shared section (train.*, data.*, ...)."""
+    from zoo.training.registry import available_methods
+
+    section = override.split("=", 1)[0].split(".", 1)[0].strip()
+    return section if section in available_methods() else None
 
 
 def overrides_for(method: str, overrides: list) -> list:
     """The overrides of one method's runs: an override in another method's section (repa.encoder=... while
     running sit) belongs to that method alone, so one command can set several methods' own options."""
-    from zoo.training.registry import available_methods
-
-    others = set(available_methods()) - {method}
-    return [o for o in overrides if method_section(o) not in others]
+    return [o for o in overrides if method_of(o) in (None, method)]
 
 
 def check_method_overrides(methods: list, overrides: list) -> None:
     """An override of a method's own section must name a compared method, or it would silently do nothing."""
-    from zoo.training.registry import available_methods
-
-    known = set(available_methods())
     for override in overrides:
-        section = method_section(override)
-        if section in known and section not in methods:
-            raise ConfigError(f"override {override!r} sets an option of {section}, which is not in --methods "
+        owner = method_of(override)
+        if owner is not None and owner not in methods:
+            raise ConfigError(f"override {override!r} sets an option of {owner}, which is not in --methods "
                               f"({','.join(methods)})")
 
 
