@@ -30,7 +30,7 @@ from torch import Tensor
 from zoo.data import build_dataset, gather, subset_index
 from zoo.teachers import require_one_encoder
 from zoo.teachers.feature_cache import dataset_identity
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
 from zoo.flow.guidance import Guidance
 from zoo.teachers.teacher import Teacher, TeacherOptions
 from zoo.training.method import Method, NoisyBatch, SamplingOption, Term
@@ -39,6 +39,8 @@ from zoo.training.registry import register
 
 PCA_COMMAND = "zoo prepare pca --method redi"
 DROPPED_FEATURES = ("noise", "zeros")
+FEATURE_SOURCES = ("generated", "real", "dropped")
+REAL_FEATURE_IMAGES = 5000  # training images `--features real` draws each sample's features from
 
 
 @dataclass
@@ -85,6 +87,7 @@ class ReDi(Method):
             raise ConfigError(f"redi.rg_interval={list(o.rg_interval)} must be [low, high]")
         self.teacher = Teacher(o, cfg, grid=self.token_grid(), owner=self.name)
         self.pca: Optional[FeaturePCA] = None
+        self._real_features: Optional[tuple] = None   # (feature maps, labels) for `--features real`, built once
 
     # ---------------------------------------------------------------- building
     def image_channels(self) -> int:
@@ -182,28 +185,83 @@ class ReDi(Method):
                                "redi.rg_scale)"),
                 SamplingOption("--rg-interval", float, None, "apply RG only while LOW <= t <= HIGH (t = 1 is noise; "
                                "default: redi.rg_interval)", nargs=2,
-                               metavar=("LOW", "HIGH"))]
+                               metavar=("LOW", "HIGH")),
+                SamplingOption("--features", str, None, "generated (default): the model generates the feature "
+                               "channels | real (a diagnostic, ODE samplers): they follow the noising path of a "
+                               "training image of the sample's class, so only the image is generated | dropped: "
+                               "the model sees them zeroed, as in a dropped training batch")]
 
     def representation_guidance(self, rg: Optional[float] = None, rg_interval=None) -> Guidance:
         o = self.options
         low, high = rg_interval if rg_interval is not None else o.rg_interval
-        return Guidance(float(o.rg_scale if rg is None else rg), float(low), float(high))
+        scale = float(o.rg_scale if rg is None else rg)
+        if scale < 1:   # the official sampler, like CFG's, guides only above 1: a smaller weight would do nothing
+            raise ConfigError(f"{'redi.rg_scale' if rg is None else '--rg'}={scale:g}: a representation guidance "
+                              "weight below 1 guides nothing (1 = none); for the image velocity without the "
+                              "features use --features dropped")
+        return Guidance(scale, float(low), float(high))
 
     def velocity_field(self, model, labels: Tensor, guidance: Guidance, rg: Optional[float] = None,
-                       rg_interval=None, sampler=None, **options):
+                       rg_interval=None, features: Optional[str] = None, sampler=None, **options):
         if options:
-            raise ConfigError(f"redi has no sampling option(s) {', '.join(options)}; valid: rg, rg_interval")
+            raise ConfigError(f"redi has no sampling option(s) {', '.join(options)}; valid: rg, rg_interval, features")
+        features = features or "generated"
+        if features not in FEATURE_SOURCES:
+            raise ConfigError(f"--features {features}: valid: {', '.join(FEATURE_SOURCES)}")
+        if features == "real" and sampler is not None and sampler.name not in ("euler", "heun"):
+            raise ConfigError(f"--features real follows the features' noising path with a fixed-step ODE sampler "
+                              f"(euler, heun), not {sampler.name}")
         backbone, channels = model.backbone, self.image_channels()
         rep = self.representation_guidance(rg, rg_interval)
+        real = []   # with --features real: (the real features, their noise), fixed at the first call (t = 1)
 
         def model_fn(x, t, y):
             return backbone(x, t, y).velocity
 
         def field(x, t, step, guide_at=None):
-            return guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep, guide_at,
-                                   cfg_features=self.options.cfg_features)
+            if features == "dropped":
+                x = without_features(x, channels)
+            v = guided_velocity(model_fn, x, t, labels, backbone.null_label, channels, guidance, rep, guide_at,
+                                cfg_features=self.options.cfg_features)
+            if features != "real":
+                return v
+            if not real:    # the state's feature channels are still pure noise: the path starts from them
+                noise = x[:, channels:].clone()
+                real.extend([self.draw_real_features(labels, noise).to(x.dtype), noise])
+            # the path's own velocity: constant on the linear path, so Euler/Heun keep the channels exactly on it
+            return torch.cat([v[:, :channels], self.path.velocity_target(real[0], real[1], t).to(v.dtype)], dim=1)
 
         return field
+
+    @torch.no_grad()
+    def real_feature_pool(self) -> tuple:
+        """(feature maps [N, r, s, s], labels [N]) of `REAL_FEATURE_IMAGES` training images spread over the set,
+        unflipped, computed once: the encoder runs here (no token cache is built), the PCA is the run's."""
+        if self._real_features is None:
+            if not self.teacher.encoders:
+                self.teacher.device = self.device
+                self.teacher.encoders = self.teacher.load_encoders()
+            pca, rank = self.fit_feature_pca(self.device)
+            dataset = build_dataset(self.cfg.data)
+            num = min(REAL_FEATURE_IMAGES, len(dataset))
+            tokens = torch.cat([t.to(self.device) for t in self._pca_tokens(dataset, num)])
+            labels = gather(dataset, subset_index(len(dataset), num))["label"]
+            coords = pca.project(tokens, rank, whiten=self.options.whiten)
+            self._real_features = (feature_map(coords, self.state_shape()[-1]), labels.to(self.device))
+        return self._real_features
+
+    def draw_real_features(self, labels: Tensor, noise: Tensor) -> Tensor:
+        """For each label, the features of a training image of that class, drawn at random; the draw is seeded by
+        the sample's noise, so a chunk of samples gets the same features again and other chunks get others."""
+        pool, pool_labels = self.real_feature_pool()
+        gen = torch.Generator().manual_seed(int(noise.double().abs().sum().item() * 1e6) % 2 ** 62)
+        chosen = []
+        for y in labels.tolist():
+            candidates = (pool_labels == y).nonzero().flatten().cpu()
+            if not len(candidates):
+                raise DataError(f"--features real: none of the {len(pool_labels)} training images drawn has class {y}")
+            chosen.append(int(candidates[torch.randint(len(candidates), (1,), generator=gen)]))
+        return pool[torch.tensor(chosen, device=pool.device)].to(noise.device)
 
     def decode(self, model, state: Tensor) -> Tensor:
         """Only the image channels are decoded; the generated features are dropped."""

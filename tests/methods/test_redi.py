@@ -238,6 +238,81 @@ def test_rg_defaults_come_from_the_config_and_unknown_options_are_refused(micro_
         method.velocity_field(method.build_model(), torch.tensor([0]), Guidance(), share=True)
 
 
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_real_features_keep_the_feature_channels_on_a_training_images_noising_path(micro_cfg, solver):
+    """--features real: the model generates only the image; the feature channels end exactly at the PCA features of
+    a training image of each sample's class, and the image channels still get the model's velocity."""
+    from zoo.flow.samplers import build_sampler
+
+    trained, model, _ = redi(micro_cfg)
+    method, _, _ = redi(micro_cfg, setup=False)
+    method.setup("cpu", training=False)   # as zoo eval / zoo sample build it: no teacher held until it is needed
+    torch.manual_seed(0)
+    for p in model.parameters():          # the output layer starts at zero: give the image channels a velocity
+        p.data += 0.05 * torch.randn_like(p)
+    labels = torch.tensor([0, 1, 2, 0])
+    noise = torch.randn(4, *method.state_shape(), generator=torch.Generator().manual_seed(3))
+    sampler, c = build_sampler("ode", 4, solver), method.image_channels()
+    with torch.no_grad():
+        end = sampler.sample(method.velocity_field(model, labels, Guidance(), features="real", sampler=sampler),
+                             noise, method.path)
+        generated = sampler.sample(method.velocity_field(model, labels, Guidance(), sampler=sampler), noise,
+                                   method.path)
+    pool, pool_labels = method.real_feature_pool()
+    for i, y in enumerate(labels.tolist()):
+        distances = (pool - end[i, c:]).flatten(1).abs().amax(dim=1)
+        assert distances.min() < 1e-4 and pool_labels[distances.argmin()] == y
+    # a training image's features, the ones the model was trained on (from the token cache, stored in half precision)
+    index = subset_index_of(method, 0)
+    assert torch.allclose(pool[0], trained.targets({"image": index[0], "index": index[1],
+                                                   "flip": torch.zeros(1, dtype=torch.bool)})["features"][0], atol=5e-3)
+    assert not torch.allclose(end[:, :c], noise[:, :c]) and not torch.allclose(end[:, :c], generated[:, :c])
+    # the same noise draws the same training images again
+    again = method.draw_real_features(labels, noise[:, c:])
+    assert torch.equal(again, method.draw_real_features(labels, noise[:, c:]))
+
+
+def subset_index_of(method, k: int) -> tuple:
+    """(image [1, 3, H, W], index [1]) of the k-th training image the real-feature pool was drawn from."""
+    from zoo.data import build_dataset, gather, subset_index
+
+    dataset = build_dataset(method.cfg.data)
+    index = subset_index(len(dataset), min(5000, len(dataset)))[k:k + 1]
+    return gather(dataset, index)["image"], index
+
+
+def test_real_features_are_refused_with_a_sampler_that_leaves_their_path(micro_cfg):
+    from zoo.flow.samplers import build_sampler
+
+    method, model, _ = redi(micro_cfg, setup=False)
+    with pytest.raises(ConfigError, match="fixed-step ODE"):
+        method.velocity_field(model, torch.tensor([0]), Guidance(), features="real", sampler=build_sampler("sde", 4))
+    with pytest.raises(ConfigError, match="valid: generated, real, dropped"):
+        method.velocity_field(model, torch.tensor([0]), Guidance(), features="oracle")
+
+
+def test_dropped_features_give_the_velocity_of_the_feature_dropped_state(micro_cfg):
+    method, model, _ = redi(micro_cfg, setup=False)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    x, y, t = torch.randn(3, *method.state_shape()), torch.tensor([0, 1, 2]), torch.full((3,), 0.6)
+    c = method.image_channels()
+    with torch.no_grad():
+        field = method.velocity_field(model, y, Guidance(), features="dropped")
+        assert torch.allclose(field(x, t, 0), model.backbone(without_features(x, c), t, y).velocity, atol=1e-6)
+        assert not torch.allclose(field(x, t, 0), model.backbone(x, t, y).velocity, atol=1e-3)
+
+
+@pytest.mark.parametrize("override, rg, match", [((), 0.0, "--rg=0: a representation guidance weight below 1"),
+                                                 (("redi.rg_scale=0.5",), None, "redi.rg_scale=0.5")])
+def test_an_rg_weight_below_one_is_refused_not_ignored(micro_cfg, override, rg, match):
+    """The official sampler guides only above 1, so a smaller weight would silently change nothing."""
+    method, model, _ = redi(micro_cfg, *override, setup=False)
+    with pytest.raises(ConfigError, match=match):
+        method.velocity_field(model, torch.tensor([0]), Guidance(), rg=rg)
+
+
 # ------------------------------------------------------------------ PCA identity, config errors
 def test_a_pca_file_fitted_on_another_encoder_is_refused(micro_cfg, tmp_path):
     method, _, cfg = redi(micro_cfg)
