@@ -236,18 +236,22 @@ class ReDi(Method):
     @torch.no_grad()
     def real_feature_pool(self) -> tuple:
         """(feature maps [N, r, s, s], labels [N]) of `REAL_FEATURE_IMAGES` training images spread over the set,
-        unflipped, computed once: the encoder runs here (no token cache is built), the PCA is the run's."""
+        unflipped, computed once, batch by batch: the encoder runs here (no token cache is built), the PCA is the
+        run's."""
         if self._real_features is None:
             if not self.teacher.encoders:
                 self.teacher.device = self.device
                 self.teacher.encoders = self.teacher.load_encoders()
             pca, rank = self.fit_feature_pca(self.device)
             dataset = build_dataset(self.cfg.data)
-            num = min(REAL_FEATURE_IMAGES, len(dataset))
-            tokens = torch.cat([t.to(self.device) for t in self._pca_tokens(dataset, num)])
-            labels = gather(dataset, subset_index(len(dataset), num))["label"]
-            coords = pca.project(tokens, rank, whiten=self.options.whiten)
-            self._real_features = (feature_map(coords, self.state_shape()[-1]), labels.to(self.device))
+            maps, labels = [], []
+            for index in subset_index(len(dataset), min(REAL_FEATURE_IMAGES, len(dataset))).split(256):
+                batch = gather(dataset, index)
+                coords = pca.project(self.teacher.encoders[0](batch["image"].to(self.device)), rank,
+                                     whiten=self.options.whiten)
+                maps.append(feature_map(coords, self.state_shape()[-1]))
+                labels.append(batch["label"].to(self.device))
+            self._real_features = (torch.cat(maps), torch.cat(labels))
         return self._real_features
 
     def draw_real_features(self, labels: Tensor, noise: Tensor) -> Tensor:

@@ -274,10 +274,11 @@ def test_real_features_keep_the_feature_channels_on_a_training_images_noising_pa
 
 def subset_index_of(method, k: int) -> tuple:
     """(image [1, 3, H, W], index [1]) of the k-th training image the real-feature pool was drawn from."""
+    from methods.redi import REAL_FEATURE_IMAGES
     from zoo.data import build_dataset, gather, subset_index
 
     dataset = build_dataset(method.cfg.data)
-    index = subset_index(len(dataset), min(5000, len(dataset)))[k:k + 1]
+    index = subset_index(len(dataset), min(REAL_FEATURE_IMAGES, len(dataset)))[k:k + 1]
     return gather(dataset, index)["image"], index
 
 
