@@ -12,7 +12,9 @@ components (zoo/latents/pca.py), laid out on the token grid and resized bilinear
     sampling   v = v(x_t, no r) + w_r (v(x_t, r_t) - v(x_t, no r))             representation guidance (all
                channels), CFG (w) on the image channels (official --cfg-vae; `cfg_features` for all),
                and both at once (the zoo's extension), each inside its own interval (`guided_velocity`);
-               only the image channels are decoded.
+               only the image channels are decoded. Diagnostics (`--features`): `real` moves the feature
+               channels along a training image's noising path, so only the image is generated; `dropped`
+               shows the model zeroed features, as a dropped training batch.
 
 The frozen teacher and its token cache are the shared `Teacher` (zoo/teachers/teacher.py); ReDi has no
 alignment loss and no projector.
