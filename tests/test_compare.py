@@ -138,6 +138,14 @@ def test_an_override_for_a_method_not_compared_is_refused(tmp_path, tiny_judge):
     assert not (tmp_path / "cmp").exists()  # refused before anything is written
 
 
+def test_a_guidance_scale_below_one_is_refused_before_training(tmp_path, tiny_judge):
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit"])
+    comp.settings = dataclasses.replace(comp.settings, cfg_scale=0.5)
+    with pytest.raises(ConfigError, match="guidance scale of 0.5 guides nothing"):
+        run_comparison(comp)
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_the_table_says_which_overrides_went_to_one_method_only(tmp_path, tiny_judge, zoo_cache):
     out = tmp_path / "cmp"
     comp = comparison(out, tiny_judge, ["sit"])

@@ -111,6 +111,7 @@ BAD_VALUES = {
     "train.ema_decay=1.5": "train.ema_decay=1.5: it must be in [0, 1)",
     "model.patch=3": "model.patch=3 does not divide the diffusion state's size 32",
     "sample.cfg_interval=[0.8,0.2]": "sample.cfg_interval=[0.8, 0.2]",
+    "sample.cfg_scale=0.5": "sample.cfg_scale=0.5: it must be >= 1 (1 = no guidance)",   # would guide nothing
 }
 
 

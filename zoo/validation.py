@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from zoo.errors import ConfigError
 
-POSITIVE, NON_NEGATIVE, FRACTION = "> 0", ">= 0", "in [0, 1)"
+POSITIVE, NON_NEGATIVE, FRACTION, AT_LEAST_ONE = "> 0", ">= 0", "in [0, 1)", ">= 1 (1 = no guidance)"
 
 RULES = {
     "optim.lr": POSITIVE, "optim.weight_decay": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
@@ -20,7 +20,7 @@ RULES = {
     "data.num_workers": NON_NEGATIVE,
     "model.patch": POSITIVE, "model.mlp_ratio": POSITIVE, "model.max_tokens": NON_NEGATIVE,
     "model.class_dropout": FRACTION,
-    "sample.steps": POSITIVE, "sample.num": NON_NEGATIVE, "sample.cfg_scale": NON_NEGATIVE,
+    "sample.steps": POSITIVE, "sample.num": NON_NEGATIVE, "sample.cfg_scale": AT_LEAST_ONE,
     "flow.time_std": POSITIVE,
     "teacher.steps": POSITIVE, "teacher.batch_size": POSITIVE, "teacher.lr": POSITIVE,
     "autoencoder.steps": POSITIVE, "autoencoder.batch_size": POSITIVE, "autoencoder.lr": POSITIVE,
@@ -37,6 +37,8 @@ def _holds(value, rule: str) -> bool:
         return value > 0
     if rule == NON_NEGATIVE:
         return value >= 0
+    if rule == AT_LEAST_ONE:
+        return value >= 1
     return 0 <= value < 1
 
 

@@ -6,6 +6,7 @@ import torch
 
 import zoo.flow.samplers
 from golden import assert_close, fixture, loaded, official_method, sit_overrides
+from zoo.errors import ConfigError
 from zoo.flow.guidance import Guidance
 from zoo.training.method import DataInfo
 from zoo.flow.samplers import build_sampler
@@ -51,6 +52,11 @@ def sample(method, model, run, monkeypatch):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_samples_and_evaluations_equal_the_official_samplers(zoo_model, monkeypatch, name):
     method, model = zoo_model
+    if RUNS[name]["cfg_scale"] < 1:   # the official samplers never guide with it (no batch-8 call): silently nothing
+        assert 8 not in GOLDEN["outputs"]["calls"][name]["eval_batch"].tolist()
+        with pytest.raises(ConfigError, match="guides nothing"):   # the zoo refuses it instead
+            sample(method, model, RUNS[name], monkeypatch)
+        return
     out, calls = sample(method, model, RUNS[name], monkeypatch)
     official = GOLDEN["outputs"]["calls"][name]
     assert [b for b, _ in calls] == official["eval_batch"].tolist(), "guided evaluations (batch 8) differ"
@@ -63,7 +69,9 @@ def test_a_grid_time_on_the_interval_end_is_guided():
     calls = GOLDEN["outputs"]["calls"]["euler_cfg1.8_low0.0_high0.8"]
     assert calls["eval_batch"].tolist()[2] == 8
     assert Guidance(1.8, 0.0, 0.8).active(torch.tensor([0.8], dtype=torch.float64))
-    assert not Guidance(0.5).active(0.5) and not Guidance(1.0).active(0.5)   # a scale <= 1 guides nothing
+    assert not Guidance(1.0).active(0.5)   # a scale of 1 guides nothing
+    with pytest.raises(ConfigError, match="guides nothing"):   # the official samplers ignore < 1 silently: refused
+        Guidance(0.5)
 
 
 def test_the_zoos_trapezoid_heun_is_another_sampler(zoo_model, monkeypatch):

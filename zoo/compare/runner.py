@@ -24,6 +24,7 @@ from typing import Optional
 
 from zoo.errors import ConfigError, ZooError
 from zoo.eval.evaluate import PROTOCOL, EvalSettings, Evaluator
+from zoo.flow.guidance import Guidance
 from zoo.training.checkpoint import atomic_write_text
 
 
@@ -229,6 +230,8 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     for name in comp.methods:
         get_method_class(name)  # unknown names fail here, with the list of known ones
     check_method_overrides(comp.methods, comp.overrides)
+    if comp.settings.cfg_scale is not None:
+        Guidance(comp.settings.cfg_scale)   # a scale below 1 is refused now, not after every run has trained
     comp.out = Path(comp.out)
     configs = {(m, s): run_config(comp, m, s) for m in comp.methods for s in comp.seeds}
     check_same_budget({m: configs[(m, comp.seeds[0])] for m in comp.methods})

@@ -3,8 +3,9 @@
 v = v_u + w (v_c - v_u), applied only while w > 1 and t_low <= t <= t_high (Kynkaanniemi et al.;
 REPA's best setting is w = 1.8 with t_high = 0.7, in the zoo's convention where t = 1 is noise), as in
 REPA's samplers: the interval is tested on the sampler's float64 time, so a grid time that lies on an
-end of the interval is guided; a scale of 1 or below guides nothing. Outside the interval the model
-runs once on the conditional batch: the batch is doubled only where guidance is actually applied.
+end of the interval is guided; a scale of 1 guides nothing, and a scale below 1, which those samplers
+silently ignore, is refused. Outside the interval the model runs once on the conditional batch: the
+batch is doubled only where guidance is actually applied.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from zoo.errors import ConfigError
 
 # model_fn(x, t, y) -> velocity
 ModelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -23,6 +26,10 @@ class Guidance:
     scale: float = 1.0
     low: float = 0.0
     high: float = 1.0
+
+    def __post_init__(self):
+        if self.scale < 1:   # the official samplers guide only above 1: a smaller scale would silently do nothing
+            raise ConfigError(f"a guidance scale of {self.scale:g} guides nothing: it must be >= 1 (1 = no guidance)")
 
     def active(self, t: Tensor | float) -> bool:
         t = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
