@@ -242,8 +242,7 @@ class ReDi(Method):
         run's."""
         if self._real_features is None:
             if not self.teacher.encoders:
-                self.teacher.device = self.device
-                self.teacher.encoders = self.teacher.load_encoders()
+                self.teacher.hold_encoders(self.device)
             pca, rank = self.fit_feature_pca(self.device)
             dataset = build_dataset(self.cfg.data)
             maps, labels = [], []

@@ -58,6 +58,17 @@ class Teacher:
         self.encoders, self.caches = [], []
         if not training:
             return
+        self.hold_encoders(device)
+        mode = self.options.feature_cache
+        if mode == "never":
+            return
+        dataset = build_dataset(self.cfg.data)
+        if mode == "always" or cacheable(dataset):
+            self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
+
+    def hold_encoders(self, device) -> None:
+        """Load the encoders onto `device`, without their token cache (what `setup` does first; ReDi's
+        `--features real` needs only this at sampling time)."""
         if self.cfg.data.dataset == "prepared":
             from zoo.data.store import read_meta
 
@@ -66,12 +77,6 @@ class Teacher:
                                   "only latents (--no-images): prepare it again without --no-images")
         self.device = torch.device(device)
         self.encoders = self.load_encoders()
-        mode = self.options.feature_cache
-        if mode == "never":
-            return
-        dataset = build_dataset(self.cfg.data)
-        if mode == "always" or cacheable(dataset):
-            self.caches = [load_or_build(encoder, self.cfg.data, dataset) for encoder in self.encoders]
 
     def describe(self) -> str:
         """The teacher in a few words, for the comparison table: its encoders, and whether the built-in one is
