@@ -362,3 +362,24 @@ def test_every_line_of_the_plot_looks_different_beyond_ten_methods():
     looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles}
     assert len(looks) == 13
     assert styles[0]["color"] == styles[10]["color"] and styles[0]["linestyle"] != styles[10]["linestyle"]
+
+
+def test_one_teacher_for_every_compared_method_that_has_one(tmp_path, tiny_judge, capsys):
+    from zoo.cli import main
+    from zoo.compare.runner import teacher_overrides
+
+    assert teacher_overrides(["sit", "repa", "layersync", "ddt"], "builtin-cluster", "micro") == [
+        "repa.encoder=builtin-cluster", "ddt.encoder=builtin-cluster"]
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit", "repa", "ddt"])
+    comp.overrides = [*teacher_overrides(comp.methods, "builtin-cluster", "micro"), *comp.overrides, "ddt.encoder=builtin"]
+    assert run_config(comp, "repa", 0).repa.encoder == "builtin-cluster"
+    assert run_config(comp, "ddt", 0).ddt.encoder == "builtin"  # the command line's own override wins
+    assert "repa" not in run_config(comp, "sit", 0)
+    out = tmp_path / "refused"
+    assert main(["compare", "--methods", "sit,layersync", "--steps", "2", "--eval-every", "2", "--preset", "micro",
+                 "--teacher", "builtin-cluster", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--teacher builtin-cluster: none of the compared methods (sit,layersync)" in err[0]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        teacher_overrides(["sit", "nope"], "builtin-cluster")

@@ -80,6 +80,22 @@ def overrides_for(method: str, overrides: list) -> list:
     return [o for o in overrides if method_of(o) in (None, method)]
 
 
+def teacher_overrides(methods: list, teacher: str, preset=None) -> list:
+    """`zoo compare --teacher NAME` as overrides: `<method>.encoder=NAME` for every compared method whose own config
+    has a teacher (an `encoder` option), so that every aligning row aligns to the same one. They go before the
+    command line's own overrides, so a `<method>.encoder=...` there still wins for that method."""
+    from zoo.config import load_config, to_dict
+    from zoo.training.registry import get_method_class
+
+    for name in methods:
+        get_method_class(name)  # an unknown name fails here, with the list of known ones
+    owners = [m for m in methods if "encoder" in (to_dict(load_config(m, [], preset)).get(m) or {})]
+    if not owners:
+        raise ConfigError(f"--teacher {teacher}: none of the compared methods ({','.join(methods)}) has a teacher "
+                          f"(a <method>.encoder option)")
+    return [f"{m}.encoder={teacher}" for m in owners]
+
+
 def check_method_overrides(methods: list, overrides: list) -> None:
     """An override of a method's own section must name a compared method, or it would silently do nothing."""
     for override in overrides:

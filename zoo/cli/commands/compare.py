@@ -34,6 +34,9 @@ def register(sub) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained at once, one process each (e.g. 2 single-thread runs on 2 cores)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--teacher", default=None,
+                   help="the teacher of every compared method that has one, e.g. builtin-cluster (sets <method>.encoder; "
+                        "a <method>.encoder=... override still wins for its method)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run; one in a method's own section (repa.proj_coeff=2) to that method's runs only")
     p.set_defaults(func=run)
 
@@ -42,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from zoo.compare.runner import Comparison, run_comparison
+    from zoo.compare.runner import Comparison, run_comparison, teacher_overrides
     from zoo.eval.evaluate import PROTOCOL
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -50,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
                                    cfg_scale=args.cfg, seed=args.sample_seed, batch_size=args.sample_batch,
                                    extractor=args.extractor, weights=args.weights, reference_num=args.reference_num)
     out = Path(args.out or f"runs/compare-{'-'.join(methods)}-{args.steps}")
+    overrides = list(args.overrides)
+    if args.teacher:  # expanded here, so the protocol (and a resume) sees the same overrides as the long form
+        overrides = teacher_overrides(methods, args.teacher, args.preset) + overrides
     comp = Comparison(methods=methods, steps=args.steps, eval_every=args.eval_every, out=out, seeds=args.seeds,
-                      preset=args.preset, overrides=list(args.overrides), settings=settings, device=args.device)
+                      preset=args.preset, overrides=overrides, settings=settings, device=args.device)
     files = run_comparison(comp, jobs=args.jobs)["files"]
     print((Path(files["table"])).read_text(), end="")
     return 0
