@@ -383,3 +383,11 @@ def test_one_teacher_for_every_compared_method_that_has_one(tmp_path, tiny_judge
     assert not out.exists()
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         teacher_overrides(["sit", "nope"], "builtin-cluster")
+
+
+def test_an_unknown_teacher_is_refused_before_anything_trains(tmp_path, tiny_judge):
+    comp = comparison(tmp_path / "cmp", tiny_judge, ["sit", "repa"])
+    comp.overrides += ["repa.encoder=builtin,nonsense"]
+    with pytest.raises(ConfigError, match="repa.encoder: unknown encoder 'nonsense'; valid: builtin, builtin-cluster"):
+        run_comparison(comp)
+    assert not (tmp_path / "cmp").exists()

@@ -130,6 +130,21 @@ def check_same_budget(configs: dict) -> None:
                                   f"needs the same data, batch and steps: set {key} on the command line for every run")
 
 
+def check_teachers(configs: dict) -> None:
+    """An unknown teacher name (`--teacher`, `<method>.encoder=`) is refused before anything trains, not when the
+    method's first run sets up after the baseline's have trained."""
+    from zoo.config import to_dict
+    from zoo.teachers import check_encoder_names
+
+    for name, cfg in configs.items():
+        encoder = (to_dict(cfg).get(name) or {}).get("encoder")
+        if encoder is not None:
+            try:
+                check_encoder_names(encoder)
+            except ConfigError as err:
+                raise ConfigError(f"{name}.encoder: {err}") from None
+
+
 def parameter_counts(cfg) -> tuple:
     import torch
 
@@ -251,6 +266,7 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     comp.out = Path(comp.out)
     configs = {(m, s): run_config(comp, m, s) for m in comp.methods for s in comp.seeds}
     check_same_budget({m: configs[(m, comp.seeds[0])] for m in comp.methods})
+    check_teachers({m: configs[(m, comp.seeds[0])] for m in comp.methods})
     _check_protocol(comp)
 
     start = time.perf_counter()

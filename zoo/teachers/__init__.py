@@ -120,6 +120,13 @@ def _family(name: str):
     raise ConfigError(f"unknown encoder {name!r}; valid: {', '.join(encoder_names())}")
 
 
+def check_encoder_names(text: str) -> None:
+    """Refuse an unknown name in a comma-separated encoder list before anything is built (one line with the
+    valid names); a known name's weights are checked when the teacher is built."""
+    for name in split_list(text):
+        _family(name)
+
+
 def split_list(text: str) -> list[str]:
     return [part.strip() for part in str(text or "").split(",") if part.strip()]
 
