@@ -108,6 +108,39 @@ def test_resuming_with_other_settings_is_refused(tmp_path, tiny_judge, zoo_cache
         run_comparison(other)
 
 
+def test_a_method_with_options_of_its_own_can_join_a_folder_later(tmp_path, tiny_judge, zoo_cache, monkeypatch):
+    from zoo.training.checkpoint import load_checkpoint
+    from zoo.training.trainer import Trainer
+
+    out = tmp_path / "cmp"
+    first = comparison(out, tiny_judge, ["sit"])
+    first.seeds, first.steps = [0], 2
+    run_comparison(first)
+    later = comparison(out, tiny_judge, ["sit", "layersync"])
+    later.seeds, later.steps, later.overrides = [0], 2, [*later.overrides, "layersync.weight=0.5"]
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: fit(self) if self.cfg.method == "layersync"
+                        else pytest.fail("retrained sit"))
+    run_comparison(later)  # sit is read back; only layersync trains, with its own option
+    saved = json.loads((out / "comparison.json").read_text())["protocol"]
+    assert saved["overrides"] == ["train.device=cpu"]
+    trained = load_checkpoint(out / "runs" / "layersync-seed0" / "checkpoints" / "step_0000002.pt")
+    assert trained["config"]["layersync"]["weight"] == 0.5
+
+    # a folder written when the protocol kept every override resumes as well
+    path = out / "comparison.json"
+    record = json.loads(path.read_text())
+    record["protocol"]["overrides"] = later.overrides
+    path.write_text(json.dumps(record))
+    run_comparison(later)
+
+    # another value of that option is still refused, by the finished run's own config
+    changed = comparison(out, tiny_judge, ["sit", "layersync"])
+    changed.seeds, changed.steps, changed.overrides = [0], 2, [*changed.overrides, "layersync.weight=0.7"]
+    with pytest.raises(ConfigError, match="layersync-seed0 was trained with another config"):
+        run_comparison(changed)
+
+
 def test_unequal_batch_between_methods_is_refused(tmp_path, tiny_judge, second_method, monkeypatch):
     yaml = tmp_path / "doubled.yaml"
     yaml.write_text("train:\n  batch_size: 16\n")

@@ -41,8 +41,11 @@ class Comparison:
     device: str = "auto"
 
     def protocol(self) -> dict:
-        """What must stay the same when a comparison folder is resumed or extended."""
-        return {"preset": self.preset, "overrides": list(self.overrides), "eval_every": self.eval_every,
+        """What must stay the same when a comparison folder is resumed or extended: the preset, the overrides that
+        go to every run and the evaluation. An override in one method's own section is checked run by run instead
+        (train_run compares each run's config with its checkpoint's), so a method added to the folder later may
+        bring options of its own, and `--teacher` and the `<method>.encoder=` it stands for are the same protocol."""
+        return {"preset": self.preset, "overrides": shared_overrides(self.overrides), "eval_every": self.eval_every,
                 "settings": self.settings.key_fields()}
 
     def eval_points(self) -> list:
@@ -72,6 +75,11 @@ def method_of(override: str):
 
     section = override.split("=", 1)[0].split(".", 1)[0].strip()
     return section if section in available_methods() else None
+
+
+def shared_overrides(overrides: list) -> list:
+    """The overrides that go to every run (train.*, data.*, ...), without those of one method's own section."""
+    return [o for o in overrides if method_of(o) is None]
 
 
 def overrides_for(method: str, overrides: list) -> list:
@@ -187,11 +195,10 @@ def reads_builtin_vae(config: dict) -> bool:
     return config["data"]["vae"] == "builtin" or (isinstance(own, dict) and own.get("vae") == "builtin")
 
 
-def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
-    """Train to cfg.train.steps, resuming from the run's latest checkpoint; nothing to do if it is complete."""
+def resume_state(cfg, run_dir: Path):
+    """The run's latest checkpoint (None if it has none), refused if that run was trained with another config."""
     from zoo.training.checkpoint import latest_checkpoint, load_checkpoint
     from zoo.config import to_dict
-    from zoo.training.trainer import Trainer
 
     latest = latest_checkpoint(run_dir)
     resume = load_checkpoint(latest) if latest else None
@@ -204,6 +211,15 @@ def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
         if saved != wanted:
             raise ConfigError(f"run folder {run_dir} was trained with another config than this comparison asks for; "
                               f"use another --out, or the original arguments")
+    return resume
+
+
+def train_run(cfg, run_dir: Path, label: str, progress: bool = True) -> None:
+    """Train to cfg.train.steps, resuming from the run's latest checkpoint; nothing to do if it is complete."""
+    from zoo.training.trainer import Trainer
+
+    resume = resume_state(cfg, run_dir)
+    if resume is not None:
         if resume["step"] >= cfg.train.steps:
             _log(f"{label}: trained ({resume['step']} steps)")
             return
@@ -267,6 +283,8 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
     configs = {(m, s): run_config(comp, m, s) for m in comp.methods for s in comp.seeds}
     check_same_budget({m: configs[(m, comp.seeds[0])] for m in comp.methods})
     check_teachers({m: configs[(m, comp.seeds[0])] for m in comp.methods})
+    for (method, seed), cfg in configs.items():  # a run already in the folder must be the one asked for
+        resume_state(cfg, comp.out / "runs" / f"{method}-seed{seed}")
     _check_protocol(comp)
 
     start = time.perf_counter()
@@ -316,6 +334,7 @@ def _check_protocol(comp: Comparison) -> None:
     protocol = comp.protocol()
     if path.exists():
         saved = json.loads(path.read_text())["protocol"]
+        saved["overrides"] = shared_overrides(saved.get("overrides", []))  # older folders saved every override
         if saved != json.loads(json.dumps(protocol)):
             changed = sorted(k for k in protocol if json.loads(json.dumps(protocol[k])) != saved.get(k))
             raise ConfigError(f"{comp.out} holds a comparison with other settings ({', '.join(changed)} differ); "
