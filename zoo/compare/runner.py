@@ -43,7 +43,7 @@ class Comparison:
     def protocol(self) -> dict:
         """What must stay the same when a comparison folder is resumed or extended: the preset, the overrides that
         go to every run and the evaluation. An override in one method's own section is checked run by run instead
-        (train_run compares each run's config with its checkpoint's), so a method added to the folder later may
+        (resume_state compares each run's config with its checkpoint's, before anything trains), so a method added later may
         bring options of its own, and `--teacher` and the `<method>.encoder=` it stands for are the same protocol."""
         return {"preset": self.preset, "overrides": shared_overrides(self.overrides), "eval_every": self.eval_every,
                 "settings": self.settings.key_fields()}
