@@ -43,8 +43,9 @@ class Comparison:
     def protocol(self) -> dict:
         """What must stay the same when a comparison folder is resumed or extended: the preset, the overrides that
         go to every run and the evaluation. An override in one method's own section is checked run by run instead
-        (resume_state compares each run's config with its checkpoint's, before anything trains), so a method added later may
-        bring options of its own, and `--teacher` and the `<method>.encoder=` it stands for are the same protocol."""
+        (resume_state compares each run's config with its checkpoint's, before anything trains), so a method added
+        later may bring options of its own, and `--teacher` and the `<method>.encoder=` it stands for are the same
+        protocol."""
         return {"preset": self.preset, "overrides": shared_overrides(self.overrides), "eval_every": self.eval_every,
                 "settings": self.settings.key_fields()}
 
@@ -281,14 +282,15 @@ def run_comparison(comp: Comparison, jobs: int = 1) -> dict:
         Guidance(comp.settings.cfg_scale)   # a scale below 1 is refused now, not after every run has trained
     comp.out = Path(comp.out)
     configs = {(m, s): run_config(comp, m, s) for m in comp.methods for s in comp.seeds}
-    check_same_budget({m: configs[(m, comp.seeds[0])] for m in comp.methods})
-    check_teachers({m: configs[(m, comp.seeds[0])] for m in comp.methods})
+    first_seed = {m: configs[(m, comp.seeds[0])] for m in comp.methods}
+    check_same_budget(first_seed)
+    check_teachers(first_seed)
     for (method, seed), cfg in configs.items():  # a run already in the folder must be the one asked for
         resume_state(cfg, comp.out / "runs" / f"{method}-seed{seed}")
     _check_protocol(comp)
 
     start = time.perf_counter()
-    base_cfg = configs[(comp.methods[0], comp.seeds[0])]
+    base_cfg = first_seed[comp.methods[0]]
     evaluator = Evaluator(comp.settings, device=comp.device)
     evaluator.reference(base_cfg.data)  # trains the judge on first use and caches the reference features
     failed = {}  # (method, seed) -> why it did not finish; the report covers the runs that did
